@@ -102,8 +102,9 @@ void check_values(const uint8_t* p, int64_t n_kept, int bits, int64_t gs, const 
     return;
   }
   const float tstep = load_f32le(p);
-  if (!(std::isfinite(tstep) && tstep >= 0.f))
-    throw ParseError("values of " + label + ": tensor scale is not a finite non-negative number");
+  // Decoded values are at most 2**(bits-1) * tstep (a hostile code may be one past qmax): keep that finite.
+  if (!(tstep >= 0.f && std::isfinite(tstep * float(1 << (bits - 1)))))
+    throw ParseError("values of " + label + ": tensor scale is not a finite non-negative number small enough to decode");
   const int64_t g = (n_kept + gs - 1) / gs;
   for (int64_t i = 0; i < g; ++i) {
     const float s = f16_to_f32(load_u16le(p + 4 + 2 * i));

@@ -233,7 +233,11 @@ def parse(payload, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Layout:
         size = values_nbytes(n_kept, bits, group_size)
         data_offset = r.take(size, f"values of {label}")
         _check_values(buf, data_offset, n_kept, bits, group_size, label)
-        entries.append(Entry(name.decode("utf-8", "replace"), dtype, bits, kind, is_meta, n_heads, shape,
+        try:
+            text = name.decode("utf-8")
+        except UnicodeDecodeError:
+            raise PayloadError(f"tensor name {name!r} is not valid UTF-8") from None
+        entries.append(Entry(text, dtype, bits, kind, is_meta, n_heads, shape,
                              mask_offset, nbits, n_kept, data_offset, size))
     if r.pos != r.end:
         raise PayloadError(f"{r.end - r.pos} bytes of trailing garbage after the last tensor")
@@ -247,8 +251,12 @@ def _check_values(buf, offset: int, n_kept: int, bits: int, group_size: int, lab
             raise PayloadError(f"values of {label} contain NaN or Inf")
         return
     (tstep,) = struct.unpack_from("<f", buf, offset)
-    if not (math.isfinite(tstep) and tstep >= 0):
-        raise PayloadError(f"values of {label}: tensor scale {tstep} is not a finite non-negative number")
+    # Decoded values are at most 2**(bits-1) * tstep (a hostile code may be one past qmax): keep that finite.
+    with np.errstate(over="ignore"):
+        peak = np.float32(tstep) * np.float32(1 << (bits - 1))
+    if not (tstep >= 0 and np.isfinite(peak)):
+        raise PayloadError(f"values of {label}: tensor scale {tstep} is not a finite non-negative number "
+                           "small enough to decode")
     g = num_groups(n_kept, group_size)
     scales = np.frombuffer(buf, "<f2", g, offset + 4)
     if not ((scales >= 0) & (scales <= 1)).all():  # NaN fails both comparisons
