@@ -92,19 +92,28 @@ struct CompactMap {
   }
 };
 
-FS_HOT float absmax_of(float* x, int64_t n, bool nan_to_zero, bool* bad) {
-  float m = 0.f;
-  int nonfinite = 0;
+// max |x| as the bit pattern of the float: for non-negative floats integer order is float order, and
+// anything above kMaxFiniteBits is NaN or Inf. An integer max-reduction vectorizes without -ffast-math.
+constexpr uint32_t kMaxFiniteBits = 0x7f7fffffu;
+FS_HOT uint32_t absmax_bits(const float* x, int64_t n) {
+  uint32_t m = 0;
   for (int64_t i = 0; i < n; ++i) {
-    float a = std::fabs(x[i]);
-    const bool fin = a <= FLT_MAX;  // false for NaN and Inf
-    nonfinite |= !fin;
-    a = fin ? a : 0.f;
-    if (nan_to_zero) x[i] = fin ? x[i] : 0.f;
-    m = a > m ? a : m;
+    uint32_t b;
+    std::memcpy(&b, x + i, 4);
+    b &= 0x7fffffffu;
+    m = b > m ? b : m;
   }
-  if (nonfinite && !nan_to_zero) *bad = true;
   return m;
+}
+
+inline float bits_to_float(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
+void zero_nonfinite(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::fabs(x[i]) <= FLT_MAX ? x[i] : 0.f;
 }
 
 FS_HOT void round_group(const float* x, int64_t n, float step, float qmax, int offset, uint8_t* u) {
@@ -222,8 +231,25 @@ int quantize(const py::buffer& src_b, int kind, int64_t R, int64_t C, int64_t n_
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < n_chunks; ++g) {
       const int64_t k0 = g * chunk, cnt = std::min(chunk, n_kept - k0);
-      map.for_runs(k0, cnt, [&](int64_t s, int64_t d, int64_t n) { std::memcpy(&buf[d], x + s, 4 * size_t(n)); });
-      const float m = absmax_of(buf.data(), cnt, nan_to_zero, &my_bad);
+      const auto gather = [&] {
+        map.for_runs(k0, cnt, [&](int64_t s, int64_t d, int64_t n) { std::memcpy(&buf[d], x + s, 4 * size_t(n)); });
+      };
+      uint32_t m = 0;
+      if (bits <= 8) {  // codes come in pass 2: only the absmax is needed, read it in place
+        map.for_runs(k0, cnt, [&](int64_t s, int64_t, int64_t n) { m = std::max(m, absmax_bits(x + s, n)); });
+      } else {
+        gather();
+        m = absmax_bits(buf.data(), cnt);
+      }
+      if (m > kMaxFiniteBits) {
+        if (!nan_to_zero) {
+          my_bad = true;
+          continue;
+        }
+        if (bits <= 8) gather();
+        zero_nonfinite(buf.data(), cnt);
+        m = absmax_bits(buf.data(), cnt);
+      }
       if (bits == 32) {
         std::memcpy(out.ptr + 4 * k0, buf.data(), 4 * size_t(cnt));
       } else if (bits == 16) {
@@ -234,7 +260,7 @@ int quantize(const py::buffer& src_b, int kind, int64_t R, int64_t C, int64_t n_
           store_u16le(o + 2 * i, h);
         }
       } else {
-        amax[size_t(g)] = m;
+        amax[size_t(g)] = bits_to_float(m);
       }
     }
 #pragma omp critical
@@ -266,8 +292,7 @@ int quantize(const py::buffer& src_b, int kind, int64_t R, int64_t C, int64_t n_
       store_u16le(scales + 2 * g, s16);
       const float step = f16_to_f32(s16) * tstep;
       map.for_runs(k0, cnt, [&](int64_t s, int64_t d, int64_t n) { std::memcpy(&buf[d], x + s, 4 * size_t(n)); });
-      if (nan_to_zero)
-        for (int64_t i = 0; i < cnt; ++i) buf[i] = std::fabs(buf[i]) <= FLT_MAX ? buf[i] : 0.f;
+      if (nan_to_zero) zero_nonfinite(buf.data(), cnt);
       if (stochastic) round_group_stochastic(buf.data(), cnt, step, qmax, 1 << (bits - 1), key, k0, u.data());
       else round_group(buf.data(), cnt, step, qmax, 1 << (bits - 1), u.data());
       pack_bits(u.data(), cnt, bits, codes + k0 * bits / 8);

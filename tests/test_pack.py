@@ -152,6 +152,9 @@ def test_metadata_round_trip():
                                                                           if k != "head_scores"}
     np.testing.assert_array_equal(u.metadata["head_scores"], meta["head_scores"].astype(np.float32))
     assert list(u) == ["w"]
+    half = unpack(pack({}, metadata={"s": np.array([0.1, 0.7], np.float16)}))
+    assert half.layout.entries[0].bits == 16  # float16 arrays stay float16 on the wire, losslessly
+    np.testing.assert_array_equal(half.metadata["s"], np.array([0.1, 0.7], np.float16).astype(np.float32))
 
 
 def test_empty_update_and_empty_tensor():

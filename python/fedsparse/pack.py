@@ -7,13 +7,13 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from . import _backend
+from . import _backend, gpu_pack
 from .errors import PackError
 from .quant import ALL_BITS, quantize
 from .sparsity import (KIND_DENSE, KIND_ELEMENTS, KIND_HEAD_COLS, KIND_HEAD_ROWS, compact, kept_count,
                        matrix_view, pack_bitmap)
 from .wire import (DTYPE_CODES, MAX_GROUP, MAX_NAME_BYTES, MAX_NDIM, MIN_GROUP, encode_table_entry,
-                   values_nbytes, write_payload)
+                   new_payload, seal_payload, values_nbytes)
 
 # Modules whose heads are their *input* columns (attention output projections): Llama/Qwen/Mistral
 # o_proj, BERT attention.output.dense, T5 SelfAttention.o / EncDecAttention.o, OPT/BART out_proj.
@@ -45,7 +45,8 @@ def pack(
         float16 scales; rounding "nearest" or "stochastic", unbiased and seeded by seed).
     topk: keep only this fraction of the largest-magnitude elements of tensors without a head mask.
     metadata: JSON-serializable values (client id, round, num_examples, ...); numpy arrays / torch
-        tensors (e.g. head scores) are stored as float32 arrays and come back as numpy arrays.
+        tensors (e.g. head scores) travel losslessly (float16 ones as float16, others as float32) and
+        come back as float32 numpy arrays.
     nan: "raise" (PackError on NaN/Inf) or "zero" (replace them by 0).
     """
     if bits not in ALL_BITS:
@@ -66,22 +67,33 @@ def pack(
     specs = _sparsity_specs({n: a for n, (a, _) in arrays.items()}, head_mask or {}, re.compile(head_cols_pattern))
     meta_json, meta_arrays = _split_metadata(metadata or {}, arrays)
 
-    table, sections = [], []
+    # Size everything first, then let the kernels write straight into the one output buffer.
+    table, planned = [], []
     prev = b""
     tensors = [(n, a, d, False, bits) for n, (a, d) in arrays.items()]
-    tensors += [(n, a, "float32", True, 32) for n, a in meta_arrays.items()]
+    # Metadata arrays travel losslessly: float16 ones as float16 (half the bytes), the rest as float32.
+    tensors += [(n, a, d, True, 16 if d == "float16" else 32) for n, (a, d) in meta_arrays.items()]
     for index, (name, x, dtype, is_meta, tbits) in enumerate(tensors):
         kind, n_heads, mask = specs.get(name, (KIND_DENSE, 0, None))
-        if topk is not None and kind == KIND_DENSE and not is_meta and x.size:
+        if topk is not None and kind == KIND_DENSE and not is_meta and np.prod(x.shape) > 0:
             kind, mask = KIND_ELEMENTS, _topk_mask(x, topk)
-        tensor_seed = (seed * 0x9E3779B1 + index) & 0xFFFFFFFF
-        values = _encode_values(name, x, kind, n_heads, mask, tbits, group_size,
-                                rounding == "stochastic", tensor_seed, nan == "zero")
         encoded = name.encode("utf-8")
         table.append(encode_table_entry(prev, encoded, dtype, tbits, kind, is_meta, n_heads, x.shape))
         prev = encoded
-        sections.append((pack_bitmap(mask) if kind != KIND_DENSE else b"") + values)
-    return write_payload(group_size, meta_json, table, sections)
+        mask_bytes = pack_bitmap(mask) if kind != KIND_DENSE else b""
+        n_values = values_nbytes(kept_count(x.shape, kind, mask), tbits, group_size)
+        planned.append((name, x, kind, n_heads, mask, mask_bytes, tbits, n_values,
+                        (seed * 0x9E3779B1 + index) & 0xFFFFFFFF))
+
+    out, offset = new_payload(group_size, meta_json, table,
+                              sum(len(p[5]) + p[7] for p in planned))
+    for name, x, kind, n_heads, mask, mask_bytes, tbits, n_values, tensor_seed in planned:
+        out[offset:offset + len(mask_bytes)] = np.frombuffer(mask_bytes, np.uint8)
+        offset += len(mask_bytes)
+        _encode_values(name, x, kind, n_heads, mask, mask_bytes, tbits, group_size, rounding == "stochastic",
+                       tensor_seed, nan == "zero", out[offset:offset + n_values])
+        offset += n_values
+    return seal_payload(out)
 
 
 def _as_float32(name: str, value) -> tuple[np.ndarray, str]:
@@ -92,6 +104,10 @@ def _as_float32(name: str, value) -> tuple[np.ndarray, str]:
         dtype = str(value.dtype).removeprefix("torch.")
         if dtype not in DTYPE_CODES:
             raise PackError(f"{name!r}: dtype {value.dtype} is not a floating type fedsparse packs")
+        if value.device.type == "cuda" and gpu_pack.available():
+            if value.dim() > MAX_NDIM:
+                raise PackError(f"{name!r}: {value.dim()} dimensions exceeds the limit {MAX_NDIM}")
+            return value.detach(), dtype  # stays on the GPU: the Triton kernels encode it there
         value = value.detach().to("cpu").float().numpy()
     else:
         value = np.asarray(value)
@@ -139,10 +155,10 @@ def _split_metadata(metadata: Mapping, arrays: dict) -> tuple[bytes, dict]:
         if isinstance(value, np.ndarray) or type(value).__module__.startswith("torch"):
             if key in arrays:
                 raise PackError(f"metadata key {key!r} collides with a tensor name")
-            arr, _ = _as_float32(key, value)
+            arr, dtype = _as_float32(key, value)
             if not np.isfinite(arr).all():
                 raise PackError(f"metadata array {key!r} contains NaN or Inf")
-            meta_arrays[key] = arr
+            meta_arrays[key] = (arr, dtype)
         else:
             plain[key] = value
     try:
@@ -152,7 +168,14 @@ def _split_metadata(metadata: Mapping, arrays: dict) -> tuple[bytes, dict]:
     return (b"" if not plain else meta_json), meta_arrays
 
 
-def _topk_mask(x: np.ndarray, fraction: float) -> np.ndarray:
+def _topk_mask(x, fraction: float) -> np.ndarray:
+    if not isinstance(x, np.ndarray):  # a CUDA tensor: rank on the device, bring back only the mask
+        import torch
+
+        flat = x.reshape(-1).abs()
+        mask = torch.zeros(flat.numel(), dtype=torch.bool, device=x.device)
+        mask[flat.topk(max(1, int(round(fraction * flat.numel())))).indices] = True
+        return mask.cpu().numpy()
     flat = np.abs(x.reshape(-1))
     k = max(1, int(round(fraction * flat.size)))
     mask = np.zeros(flat.size, dtype=bool)
@@ -160,34 +183,42 @@ def _topk_mask(x: np.ndarray, fraction: float) -> np.ndarray:
     return mask
 
 
-def _encode_values(name, x, kind, n_heads, mask, bits, group_size, stochastic, seed, nan_to_zero) -> bytes:
+def _encode_values(name, x, kind, n_heads, mask, mask_bytes, bits, group_size, stochastic, seed, nan_to_zero,
+                   out: np.ndarray) -> None:
+    """Encode the travelling elements of x into out (uint8 view of the payload: one value section)."""
+    if not isinstance(x, np.ndarray):  # a CUDA tensor
+        status = gpu_pack.encode_values(x, kind, mask, bits, group_size, stochastic, seed, nan_to_zero, out)
+        _raise_for_status(name, status)
+        return
     n_kept = kept_count(x.shape, kind, mask)
-    rows, cols = matrix_view(x.shape, kind)
     native = _backend.native
     if native is not None:
-        out = np.empty(values_nbytes(n_kept, bits, group_size), dtype=np.uint8)
-        mask_bytes = np.frombuffer(pack_bitmap(mask), np.uint8) if mask is not None else np.zeros(0, np.uint8)
-        status = native.quantize(x.reshape(-1), kind, rows, cols, n_heads, mask_bytes, n_kept, bits, group_size,
-                                 stochastic, seed, nan_to_zero, out)
-        _raise_for_status(name, status, bits)
-        return out.tobytes()
+        rows, cols = matrix_view(x.shape, kind)
+        status = native.quantize(x.reshape(-1), kind, rows, cols, n_heads, np.frombuffer(mask_bytes, np.uint8),
+                                 n_kept, bits, group_size, stochastic, seed, nan_to_zero, out)
+        _raise_for_status(name, status)
+        return
     kept = compact(x, kind, mask)
     finite = np.isfinite(kept)
     if not finite.all():
-        _raise_for_status(name, 0 if nan_to_zero else 1, bits)
+        _raise_for_status(name, 0 if nan_to_zero else 1)
         kept = np.where(finite, kept, np.float32(0))
     if bits == 32:
-        return kept.astype("<f4").tobytes()
-    if bits == 16:
+        out.view("<f4")[:] = kept
+    elif bits == 16:
         with np.errstate(over="ignore"):
             half = kept.astype("<f2")
-        _raise_for_status(name, 0 if np.isfinite(half).all() else 2, bits)
-        return half.tobytes()
-    tstep, scales, codes = quantize(kept, bits, group_size, stochastic=stochastic, seed=seed)
-    return np.float32(tstep).astype("<f4").tobytes() + scales.astype("<f2").tobytes() + codes.tobytes()
+        _raise_for_status(name, 0 if np.isfinite(half).all() else 2)
+        out.view("<f2")[:] = half
+    else:
+        tstep, scales, codes = quantize(kept, bits, group_size, stochastic=stochastic, seed=seed)
+        g = scales.size
+        out[:4].view("<f4")[0] = tstep
+        out[4:4 + 2 * g].view("<f2")[:] = scales
+        out[4 + 2 * g:] = codes
 
 
-def _raise_for_status(name: str, status: int, bits: int) -> None:
+def _raise_for_status(name: str, status: int) -> None:
     if status == 1:
         raise PackError(f"{name!r} contains NaN or Inf; pass nan='zero' to replace them by 0")
     if status == 2:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from . import _backend
+from . import _backend, gpu_pack
 from .errors import PayloadError
 from .quant import dequantize
 from .sparsity import KIND_DENSE, KIND_ELEMENTS, expand, matrix_view, unpack_bitmap
@@ -128,10 +128,14 @@ class PackedUpdate(Mapping):
         return unpack_bitmap(self.buffer[e.mask_offset:e.mask_offset + -(-e.mask_nbits // 8)], e.mask_nbits)
 
     def torch(self, name: str, device=None):
-        """The tensor as torch, in its original dtype, on device."""
+        """The tensor as torch, in its original dtype, on device (decoded there by the Triton kernels
+        when device is a CUDA device)."""
         import torch
 
-        return torch.from_numpy(self[name]).to(device=device, dtype=getattr(torch, self._entries[name].dtype))
+        dtype = getattr(torch, self._entries[name].dtype)
+        if device is not None and torch.device(device).type == "cuda" and gpu_pack.available():
+            return gpu_pack.decode_entry(self.buffer, self._entries[name], self.group_size, device).to(dtype)
+        return torch.from_numpy(self[name]).to(device=device, dtype=dtype)
 
     def to_dict(self, *, as_torch: bool = False, device=None) -> dict:
         return {n: (self.torch(n, device) if as_torch else self[n]) for n in self}

@@ -112,11 +112,27 @@ def encode_table_entry(prev_name: bytes, name: bytes, dtype: str, bits: int, kin
             + bytes((DTYPE_CODES[dtype], bits, flags)) + _varint(n_heads) + bytes((len(shape),)) + dims)
 
 
+def new_payload(group_size: int, meta_json: bytes, table: list[bytes], data_nbytes: int) -> tuple[np.ndarray, int]:
+    """(uint8 buffer of the whole payload with header, metadata and table written, offset of the data)."""
+    head = b"".join([HEADER.pack(MAGIC, VERSION, 0, group_size, len(table), len(meta_json)), meta_json, *table])
+    out = np.empty(len(head) + data_nbytes + CRC_SIZE, dtype=np.uint8)
+    out[:len(head)] = np.frombuffer(head, np.uint8)
+    return out, len(head)
+
+
+def seal_payload(out: np.ndarray) -> bytes:
+    """Write the CRC of everything before it into the last 4 bytes; return the payload."""
+    out[-CRC_SIZE:] = np.frombuffer(struct.pack("<I", zlib.crc32(out[:-CRC_SIZE])), np.uint8)
+    return out.tobytes()
+
+
 def write_payload(group_size: int, meta_json: bytes, table: list[bytes], sections: list[bytes]) -> bytes:
-    """Assemble header, metadata, table and data sections, and append the CRC."""
-    body = b"".join([HEADER.pack(MAGIC, VERSION, 0, group_size, len(table), len(meta_json)), meta_json,
-                     *table, *sections])
-    return body + struct.pack("<I", zlib.crc32(body))
+    """Assemble a payload from ready sections (tests and tools craft payloads with this)."""
+    out, offset = new_payload(group_size, meta_json, table, sum(map(len, sections)))
+    for section in sections:
+        out[offset:offset + len(section)] = np.frombuffer(section, np.uint8)
+        offset += len(section)
+    return seal_payload(out)
 
 
 class _Reader:
