@@ -62,3 +62,19 @@ def test_pack_of_cuda_tensors_equals_pack_of_host_arrays():
     assert pack({"m.q.lora_B.weight": x}, **kw) == pack({"m.q.lora_B.weight": x.cpu().numpy()}, **kw)
     u = unpack(pack({"w": x}, bits=8))
     assert torch.equal(u.torch("w", device="cuda").cpu(), torch.from_numpy(u["w"]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_cpp_backend_writes_the_same_bytes(monkeypatch):
+    from fedsparse import _cuda
+
+    if not _cuda.available():
+        pytest.skip("CUDA C++ kernels not built or the driver is too old")
+    x = torch.randn(96, 8, device="cuda")
+    kw = dict(bits=4, head_mask={"m.q": np.arange(12) < 4})
+    triton_bytes = pack({"m.q.lora_B.weight": x}, **kw)
+    monkeypatch.setenv("FEDSPARSE_GPU_BACKEND", "cuda")
+    assert gpu_pack.use_cuda_cpp()
+    assert pack({"m.q.lora_B.weight": x}, **kw) == triton_bytes
+    u = unpack(triton_bytes)
+    assert torch.equal(u.torch("m.q.lora_B.weight", device="cuda").cpu(), torch.from_numpy(u["m.q.lora_B.weight"]))

@@ -1,8 +1,11 @@
-"""The device path of pack/unpack: torch tensors stay on their device, the Triton kernels quantize there,
-and only the compact value section crosses to the host (or back). Used for CUDA tensors; it runs on CPU
+"""The device path of pack/unpack: torch tensors stay on their device, the Triton kernels (or, with
+FEDSPARSE_GPU_BACKEND=cuda, the CUDA C++ ones) quantize there, and only the compact value section crosses
+to the host (or back). Used for CUDA tensors; it runs on CPU
 tensors too under TRITON_INTERPRET=1, which is how it is tested without a GPU.
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
@@ -52,6 +55,11 @@ def encode_values(x, kind: int, mask, bits: int, group_size: int, stochastic: bo
         if not bool(torch.isfinite(half).all()):
             return STATUS_F16_OVERFLOW
         out.view("<f2")[:] = half.cpu().numpy()
+    elif use_cuda_cpp():
+        from . import _cuda
+
+        out[:] = _cuda.quantize_section(kept, bits, group_size, stochastic=stochastic, seed=seed,
+                                        check_finite=False).cpu().numpy()
     else:
         from .kernels import pack as triton_pack
 
@@ -61,6 +69,15 @@ def encode_values(x, kind: int, mask, bits: int, group_size: int, stochastic: bo
         out[4:4 + 2 * g].view("<f2")[:] = scales.cpu().numpy()
         out[4 + 2 * g:] = codes.cpu().numpy()
     return STATUS_OK
+
+
+def use_cuda_cpp() -> bool:
+    """FEDSPARSE_GPU_BACKEND=cuda picks the CUDA C++ kernels over Triton (same codes, bit for bit)."""
+    if os.environ.get("FEDSPARSE_GPU_BACKEND", "triton").lower() != "cuda":
+        return False
+    from . import _cuda
+
+    return _cuda.available()
 
 
 def decode_entry(buf, entry: Entry, group_size: int, device):
@@ -75,12 +92,14 @@ def decode_entry(buf, entry: Entry, group_size: int, device):
     elif entry.bits == 16:
         kept = values.view(torch.float16).float()
     else:
-        from .kernels import pack as triton_pack
-
         g = -(-entry.n_kept // group_size)
         tstep = values[:4].view(torch.float32)
         scales = values[4:4 + 2 * g].view(torch.float16)
-        kept = triton_pack.dequantize(tstep, scales, values[4 + 2 * g:], entry.n_kept, entry.bits, group_size)
+        if use_cuda_cpp():
+            from . import _cuda as impl
+        else:
+            from .kernels import pack as impl
+        kept = impl.dequantize(tstep, scales, values[4 + 2 * g:], entry.n_kept, entry.bits, group_size)
     if entry.kind == KIND_DENSE:
         return kept.reshape(entry.shape)
     mask = unpack_bitmap(np.frombuffer(buf, np.uint8, -(-entry.mask_nbits // 8), entry.mask_offset),
