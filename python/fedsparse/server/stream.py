@@ -1,0 +1,499 @@
+"""The streaming accumulator behind aggregate(): one payload at a time into float32 accumulators.
+
+A payload is parsed (bounds, CRC), checked against the tensors seen so far, and handed to the native
+kernel _C.accumulate with a plan (one int64 row per tensor: where its bytes are, where its values go),
+which adds w * dequantize(values) at the right places and w to per-head weight sums. Nothing of a
+client's dense update is ever materialised, so memory is the output plus small per-head sums.
+
+Weight-sum granularity per tensor ("units") is the coarsest that every client so far allows: one sum for
+a tensor all clients sent dense, one per head when some client sent it head-sparse (a dense entry then
+counts as every head kept), one per element once some client sent it element-sparse (top-k). A payload
+that needs a finer granularity upgrades the sums by broadcasting them.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import namedtuple
+from operator import attrgetter
+
+import numpy as np
+
+from .. import _backend
+from ..errors import PayloadError
+from ..sparsity import KIND_DENSE, KIND_ELEMENTS, KIND_HEAD_COLS, KIND_HEAD_ROWS, matrix_view, unpack_bitmap
+from ..unpack import decode_entry, parse_layout
+from ..wire import DEFAULT_MAX_ELEMENTS, DTYPE_NAMES, Layout
+from .meta import AggregationError, client_id, client_label, head_scores
+
+# Plan columns (csrc/aggregate.cpp).
+(C_KIND, C_ROWS, C_COLS, C_HEADS, C_MASK, C_KEPT, C_BITS, C_DATA, C_NBYTES, C_ACC, C_W, C_WSUM,
+ C_MODE) = range(13)
+N_COLS = 13
+PER_TENSOR, PER_HEAD, PER_ELEMENT = 0, 1, 2
+_HEAD_KINDS = (KIND_HEAD_ROWS, KIND_HEAD_COLS)
+
+
+# wire.Entry's fields, as a tuple: building 80 frozen dataclasses per payload costs more than the parse.
+FastEntry = namedtuple("FastEntry", "name dtype bits kind is_meta n_heads shape mask_offset mask_nbits n_kept "
+                                    "data_offset data_nbytes")
+_make_entry = FastEntry._make
+_dynamic = attrgetter("mask_offset", "n_kept", "bits", "data_offset", "data_nbytes")
+
+
+def _parse(buf, max_elements: int) -> Layout:
+    """unpack.parse_layout with light entries (same checks: the native parser, else the reference)."""
+    native = _backend.native
+    if native is None:
+        return parse_layout(buf, max_elements)
+    try:
+        version, group_size, meta_offset, meta_len, raw = native.parse_payload(buf, max_elements)
+    except ValueError as exc:
+        raise PayloadError(str(exc)) from None
+    try:
+        entries = tuple(_make_entry((t[0].decode("utf-8"), DTYPE_NAMES[t[1]]) + t[2:]) for t in raw)
+    except UnicodeDecodeError:
+        raise PayloadError("a tensor name is not valid UTF-8") from None
+    return Layout(version, group_size, meta_offset, meta_len, entries)
+
+
+class Client:
+    """One parsed payload: buffer, layout, metadata, id."""
+
+    __slots__ = ("buffer", "layout", "metadata", "cid", "position", "tensors")
+
+    def __init__(self, buffer, layout, metadata, cid, position):
+        self.buffer, self.layout, self.metadata, self.cid, self.position = buffer, layout, metadata, cid, position
+        self.tensors = [e for e in layout.entries if not e.is_meta]
+
+
+def read_client(payload, position: int, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Client:
+    """Parse and validate one payload (bytes-like or a PackedUpdate); errors name the client."""
+    layout = getattr(payload, "layout", None)
+    if layout is not None and hasattr(payload, "buffer"):  # a PackedUpdate: already parsed
+        buf = payload.buffer
+    else:
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise PayloadError(f"client #{position}: payload must be bytes-like or a PackedUpdate, got "
+                               f"{type(payload).__name__}")
+        buf = bytes(payload) if isinstance(payload, bytearray) else payload
+        try:
+            layout = _parse(buf, max_elements)
+        except PayloadError as exc:
+            raise PayloadError(f"client #{position}: {exc}") from None
+    meta = _read_metadata(buf, layout, position)
+    cid = client_id(meta, position)
+    names = [e.name for e in layout.entries]
+    if len(set(names)) != len(names):
+        raise PayloadError(f"{client_label(cid)}: duplicate tensor names in payload")
+    return Client(buf, layout, meta, cid, position)
+
+
+def _read_metadata(buf, layout, position) -> dict:
+    raw = bytes(memoryview(buf)[layout.meta_offset:layout.meta_offset + layout.meta_len])
+    meta = {}
+    if raw:
+        try:
+            meta = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise PayloadError(f"client #{position}: metadata is not valid UTF-8 JSON: {exc}") from None
+        if not isinstance(meta, dict):
+            raise PayloadError(f"client #{position}: metadata must be a JSON object")
+    for e in layout.entries:
+        if e.is_meta:
+            if e.name in meta:
+                raise PayloadError(f"client #{position}: metadata key {e.name!r} given twice")
+            meta[e.name] = decode_entry(buf, e, layout.group_size)
+    return meta
+
+
+class _Tensor:
+    """Where one tensor's accumulator lives and how its weight sums are kept."""
+
+    __slots__ = ("name", "shape", "numel", "acc_off", "mode", "hkind", "H", "wsum_off", "n_units", "dtype", "first")
+
+    def __init__(self, entry, acc_off, first):
+        self.name, self.shape, self.dtype, self.first = entry.name, tuple(entry.shape), entry.dtype, first
+        self.numel = math.prod(self.shape)
+        self.acc_off = acc_off
+        self.mode, self.hkind, self.H = PER_TENSOR, KIND_DENSE, 0
+        self.wsum_off, self.n_units = 0, 1
+        self.want(entry)
+
+    def want(self, e) -> bool:
+        """Upgrade the granularity so entry e fits; True if it changed."""
+        if e.kind == KIND_DENSE or self.mode == PER_ELEMENT:
+            return False
+        if e.kind == KIND_ELEMENTS or (self.mode == PER_HEAD and (e.kind, e.n_heads) != (self.hkind, self.H)):
+            self.mode = PER_ELEMENT
+            return True
+        if self.mode == PER_TENSOR:
+            self.mode, self.hkind, self.H = PER_HEAD, e.kind, e.n_heads
+            return True
+        return False
+
+    def units(self) -> int:
+        return {PER_TENSOR: 1, PER_HEAD: self.H, PER_ELEMENT: self.numel}[self.mode]
+
+    def expand(self, v: np.ndarray, mode=None, hkind=None, H=None) -> np.ndarray:
+        """Per-unit values (in granularity `mode`, default this tensor's) broadcast to a per-element array of
+        the matrix view of the head kind (or flat)."""
+        mode = self.mode if mode is None else mode
+        hkind = self.hkind if hkind is None else hkind
+        H = self.H if H is None else H
+        if mode == PER_ELEMENT:
+            return v.reshape(-1)
+        if mode == PER_TENSOR:
+            return np.full(self.numel, v[0], dtype=v.dtype)
+        r, c = matrix_view(self.shape, hkind)
+        if hkind == KIND_HEAD_ROWS:
+            return np.broadcast_to(v.reshape(H, 1), (H, r // H * c)).reshape(-1)
+        return np.broadcast_to(v.reshape(1, H, 1), (r, H, c // H)).reshape(-1)
+
+
+class Accumulator:
+    """Accumulates clients of one structure (every client must send the same tensor names and shapes).
+
+    track_sums: keep per-unit weight sums (needed by headwise, and by fedavg with a base).
+    use_scores: weight heads by the clients' head_scores metadata (headwise).
+    """
+
+    def __init__(self, *, track_sums: bool, use_scores: bool, label: str = ""):
+        self.track, self.use_scores, self.label = track_sums, use_scores, label
+        self.tensors: dict = {}
+        self.order: list = []
+        self.acc = None
+        self.wsum = np.zeros(0, np.float32)
+        self.counts = np.zeros(0, np.float32)
+        self.total_weight = 0.0
+        self.n_clients = 0
+        self.version = None
+        self.first_cid = None
+        self._plans: dict = {}
+
+    # -- structure --------------------------------------------------------------------------------------
+    def _start(self, client: Client) -> None:
+        off = 0
+        for e in client.tensors:
+            t = _Tensor(e, off, client.cid)
+            self.tensors[e.name] = t
+            self.order.append(e.name)
+            off += t.numel
+        self.acc = np.zeros(off, np.float32)
+        self.version = client.layout.version
+        self.first_cid = client.cid
+        self._relayout_sums()
+
+    def _relayout_sums(self, old=None) -> None:
+        """Reallocate wsum/counts for the tensors' current granularities, carrying old values over."""
+        off = 0
+        sizes = []
+        for n in self.order:
+            t = self.tensors[n]
+            sizes.append((t, off))
+            off += t.units() if self.track else 0
+        wsum, counts = np.zeros(off, np.float32), np.zeros(off, np.float32)
+        if old is not None and self.track:
+            for (t, o), (mode, hkind, H, oo, nu) in zip(sizes, old):
+                if nu and (mode, hkind, H) != (t.mode, t.hkind, t.H):
+                    # coarse -> fine: broadcast to elements, then take this granularity (only fine targets)
+                    wsum[o:o + t.units()] = t.expand(self.wsum[oo:oo + nu], mode, hkind, H)[:t.units()] \
+                        if t.mode == PER_ELEMENT else np.repeat(self.wsum[oo:oo + nu], t.units())
+                    counts[o:o + t.units()] = t.expand(self.counts[oo:oo + nu], mode, hkind, H)[:t.units()] \
+                        if t.mode == PER_ELEMENT else np.repeat(self.counts[oo:oo + nu], t.units())
+                elif nu:
+                    wsum[o:o + nu] = self.wsum[oo:oo + nu]
+                    counts[o:o + nu] = self.counts[oo:oo + nu]
+        for t, o in sizes:
+            t.wsum_off, t.n_units = o, t.units()
+        self.wsum, self.counts = wsum, counts
+        self._plans.clear()
+
+    def _check(self, client: Client) -> None:
+        cid = client.cid
+        if client.layout.version != self.version:
+            raise AggregationError(f"{client_label(cid)}: payload format version {client.layout.version} differs "
+                                   f"from version {self.version} of {client_label(self.first_cid)}", client=cid)
+        seen = set()
+        for e in client.tensors:
+            t = self.tensors.get(e.name)
+            if t is None:
+                raise AggregationError(f"{client_label(cid)}, tensor {e.name!r}: not sent by "
+                                       f"{client_label(self.first_cid)}{self.label}", client=cid, tensor=e.name)
+            if tuple(e.shape) != t.shape:
+                raise AggregationError(f"{client_label(cid)}, tensor {e.name!r}: shape {tuple(e.shape)} differs from "
+                                       f"{t.shape} of {client_label(t.first)}{self.label}", client=cid, tensor=e.name)
+            seen.add(e.name)
+        missing = [n for n in self.order if n not in seen]
+        if missing:
+            raise AggregationError(f"{client_label(cid)}, tensor {missing[0]!r}: missing (sent by "
+                                   f"{client_label(self.first_cid)}){self.label}", client=cid, tensor=missing[0])
+
+    def _plan_for(self, client: Client):
+        """(static plan rows, weight-slot layout) for this client's entry structure; cached."""
+        key = tuple((e.name, e.shape, e.kind, e.n_heads) for e in client.tensors)
+        hit = self._plans.get(key)
+        if hit is not None:
+            return hit
+        self._check(client)
+        old = [(t.mode, t.hkind, t.H, t.wsum_off, t.n_units if self.track else 0)
+               for t in (self.tensors[n] for n in self.order)]
+        if any([self.tensors[e.name].want(e) for e in client.tensors]):
+            self._relayout_sums(old)
+        rows = np.zeros((len(client.tensors), N_COLS), np.int64)
+        slots = []  # per entry: (name, kind, n_heads, slot offset, n slots)
+        w_off = 0
+        all_kept = np.zeros(len(client.tensors), bool)
+        for i, e in enumerate(client.tensors):
+            t = self.tensors[e.name]
+            kind, H = e.kind, e.n_heads
+            if kind == KIND_DENSE and t.mode == PER_HEAD:  # dense sent: every head kept
+                kind, H = t.hkind, t.H
+                all_kept[i] = True
+            r, c = matrix_view(t.shape, kind)
+            nw = H if kind in _HEAD_KINDS else 1
+            mode = t.mode if kind != KIND_DENSE else PER_TENSOR
+            if t.mode == PER_ELEMENT:
+                mode = PER_ELEMENT
+            rows[i, [C_KIND, C_ROWS, C_COLS, C_HEADS, C_ACC, C_W, C_WSUM, C_MODE]] = (
+                kind, r, c, H, t.acc_off, w_off, t.wsum_off if self.track else -1, mode)
+            slots.append((e.name, kind, H, w_off, nw))
+            w_off += nw
+        hit = (rows, slots, w_off, all_kept, {})
+        self._plans[key] = hit
+        return hit
+
+    # -- weights ----------------------------------------------------------------------------------------
+    def _unit_weights(self, client: Client, weight: float, slots, n_slots, cache) -> np.ndarray:
+        w = np.full(n_slots, weight, np.float64)
+        if not self.use_scores:
+            return w.astype(np.float32)
+        meta = client.metadata
+        sig = _score_signature(meta)
+        if sig is None:
+            return w.astype(np.float32)
+        idx = cache.get(sig)
+        flat = _score_flat(meta, sig)
+        if idx is None:
+            idx = np.full(n_slots, flat.size, np.int64)  # flat.size: "no score" -> 1
+            for name, kind, H, off, nw in slots:
+                if kind not in _HEAD_KINDS:
+                    continue
+                s = head_scores(meta, client.cid, name, H)  # validates; then locate it in flat
+                if s is None:
+                    continue
+                idx[off:off + nw] = _locate(meta, sig, name, H)
+            cache[sig] = idx
+        ext = np.append(flat, 1.0)
+        vals = ext[idx]
+        if not (np.isfinite(vals).all() and (vals >= 0).all()):
+            for name, kind, H, off, nw in slots:  # name the tensor
+                if kind in _HEAD_KINDS:
+                    head_scores(meta, client.cid, name, H)
+        return (w * vals).astype(np.float32)
+
+    # -- the hot path -----------------------------------------------------------------------------------
+    def add(self, client: Client, weight: float, scale: float = 1.0) -> None:
+        """acc += scale * weight * s_kh * update_k (scale: norm clipping; weights sums do not see it)."""
+        if self.acc is None:
+            self._start(client)
+        elif client.layout.version != self.version:
+            self._check(client)
+        rows, slots, n_slots, all_kept, cache = self._plan_for(client)
+        plan = rows.copy()
+        dyn = np.array([_dynamic(e) for e in client.tensors], np.int64).reshape(-1, 5)
+        plan[:, [C_MASK, C_KEPT, C_BITS, C_DATA, C_NBYTES]] = dyn
+        plan[all_kept, C_MASK] = -1
+        w = self._unit_weights(client, weight, slots, n_slots, cache)
+        native = _backend.native
+        if native is not None:
+            try:
+                native.accumulate(client.buffer, plan, w, float(scale), client.layout.group_size, self.acc,
+                                  self.wsum, self.counts)
+            except ValueError as exc:  # the plan is checked whole before anything is written
+                raise PayloadError(f"{client_label(client.cid)}: {exc}") from None
+        else:
+            self._add_numpy(client, plan, w, scale)
+        self.total_weight += weight
+        self.n_clients += 1
+
+    def _add_numpy(self, client: Client, plan, w, scale) -> None:
+        """The same as the kernel, through the reference decoder (no native module)."""
+        updates = []
+        for e, row in zip(client.tensors, plan):
+            x = decode_entry(client.buffer, e, client.layout.group_size).reshape(-1)
+            t = self.tensors[e.name]
+            kind, H = int(row[C_KIND]), int(row[C_HEADS])
+            if row[C_MASK] == -1:
+                units = np.ones(H if kind in _HEAD_KINDS else t.numel, bool)
+            elif e.kind == KIND_DENSE:
+                units = np.ones(1, bool)
+            else:
+                units = unpack_bitmap(memoryview(client.buffer)[e.mask_offset:e.mask_offset + -(-e.mask_nbits // 8)],
+                                      e.mask_nbits)
+            wu = w[row[C_W]:row[C_W] + (H if kind in _HEAD_KINDS else 1)].astype(np.float32)
+            if kind in _HEAD_KINDS:
+                wel = t.expand(wu, PER_HEAD, kind, H)
+                sent = t.expand(units, PER_HEAD, kind, H)
+            else:
+                wel = np.full(t.numel, wu[0], np.float32)
+                sent = units if kind == KIND_ELEMENTS else np.ones(t.numel, bool)
+            updates.append((t, row, x, wel, sent, units, wu))
+        for t, row, x, wel, sent, units, wu in updates:
+            self.acc[t.acc_off:t.acc_off + t.numel] += np.where(sent, x * (wel * np.float32(scale)), 0)
+            if row[C_WSUM] < 0:
+                continue
+            o = int(row[C_WSUM])
+            mode = int(row[C_MODE])
+            if mode == PER_TENSOR:
+                self.wsum[o] += wu[0]
+                self.counts[o] += 1
+            elif mode == PER_HEAD:
+                self.wsum[o:o + t.H] += np.where(units, wu, 0)
+                self.counts[o:o + t.H] += units
+            else:
+                self.wsum[o:o + t.numel] += np.where(sent, wel, 0)
+                self.counts[o:o + t.numel] += sent
+
+    def sum_squares(self, client: Client) -> float:
+        """||update||^2 of a client (for norm clipping)."""
+        native = _backend.native
+        if native is not None:
+            plan = np.zeros((len(client.tensors), N_COLS), np.int64)
+            for i, e in enumerate(client.tensors):
+                r, c = matrix_view(e.shape, e.kind)
+                plan[i, [C_KIND, C_ROWS, C_COLS, C_HEADS, C_MASK, C_KEPT, C_BITS, C_DATA, C_NBYTES, C_WSUM]] = (
+                    e.kind, r, c, e.n_heads, e.mask_offset, e.n_kept, e.bits, e.data_offset, e.data_nbytes, -1)
+            try:
+                return float(native.sum_squares(client.buffer, plan, client.layout.group_size))
+            except ValueError as exc:
+                raise PayloadError(f"{client_label(client.cid)}: {exc}") from None
+        return float(sum(np.square(decode_entry(client.buffer, e, client.layout.group_size).astype(np.float64)).sum()
+                         for e in client.tensors))
+
+    # -- the end --------------------------------------------------------------------------------------
+    def check_base(self, base) -> None:
+        """base must have the accumulated tensors' shapes and be finite (checked before finishing)."""
+        if base is None:
+            return
+        for n in self.order:
+            if n in base:
+                b = np.asarray(base[n])
+                t = self.tensors[n]
+                if b.size != t.numel:
+                    raise AggregationError(f"base, tensor {n!r}: shape {b.shape} differs from the clients' {t.shape}",
+                                           tensor=n)
+                if not np.isfinite(b).all():
+                    raise AggregationError(f"base, tensor {n!r}: NaN or Inf", tensor=n)
+
+    def finish(self, method: str, base) -> tuple:
+        """Normalise in place. Returns (tensors, covered, head_counts, head_weights), all name -> array;
+        covered: bool per element (flat) where some client sent the element with weight > 0."""
+        self.check_base(base)
+        total = self.total_weight
+        tensors, covered, head_counts, head_weights = {}, {}, {}, {}
+        for n in self.order:
+            t = self.tensors[n]
+            a = self.acc[t.acc_off:t.acc_off + t.numel]
+            b = None
+            if base is not None and n in base:
+                b = np.asarray(base[n], dtype=np.float32).reshape(-1)
+            ws = self.wsum[t.wsum_off:t.wsum_off + t.n_units] if self.track else None
+            if self.track:
+                cnt = self.counts[t.wsum_off:t.wsum_off + t.n_units]
+                if t.mode == PER_HEAD:
+                    head_counts[n] = np.rint(cnt).astype(np.int32)
+                    head_weights[n] = ws / np.float32(total)
+            if method == "headwise":
+                den = t.expand(ws)
+                pos = den > 0
+                view = _matrix(a, t)
+                if t.mode == PER_HEAD:  # per-head divide without a full-size temporary
+                    inv = np.where(ws > 0, 1 / np.where(ws > 0, ws, 1), 0).astype(np.float32)
+                    view *= _head_broadcast(inv, t)
+                elif t.mode == PER_TENSOR:
+                    a *= np.float32(1 / ws[0]) if ws[0] > 0 else np.float32(0)
+                else:
+                    np.divide(a, den, out=a, where=pos)
+                if b is not None and not pos.all():
+                    a[~pos] = b[~pos]
+                covered[n] = pos
+            else:  # fedavg: what a client did not send counts as base (0 without base)
+                a *= np.float32(1 / total)
+                if b is not None and self.track:  # exact base where nobody sent, no base where all did
+                    a += b * (np.float32(1) - t.expand(ws) * np.float32(1 / total))
+                covered[n] = np.ones(t.numel, bool)
+            tensors[n] = a.reshape(t.shape)
+        if not np.isfinite(self.acc).all():
+            bad = next(n for n in self.order if not np.isfinite(tensors[n]).all())
+            raise AggregationError(f"tensor {bad!r}: the aggregate overflowed float32 (weights or values too large)",
+                                   tensor=bad)
+        return tensors, covered, head_counts, head_weights
+
+    def dtypes(self) -> dict:
+        return {n: self.tensors[n].dtype for n in self.order}
+
+
+def _matrix(a: np.ndarray, t: _Tensor) -> np.ndarray:
+    r, c = matrix_view(t.shape, t.hkind)
+    return a.reshape(r, c) if t.mode == PER_HEAD else a
+
+
+def _head_broadcast(v: np.ndarray, t: _Tensor) -> np.ndarray:
+    r, c = matrix_view(t.shape, t.hkind)
+    if t.hkind == KIND_HEAD_ROWS:
+        return np.repeat(v, r // t.H)[:, None]
+    return np.repeat(v, c // t.H)[None, :]
+
+
+# -- head scores: a flat vector per client plus a cached index, so the per-payload cost is one gather --------
+
+def _score_signature(meta: dict):
+    mods = tuple(sorted(k for k in meta if k.startswith("head_scores/")))
+    hs = meta.get("head_scores")
+    if hs is None:
+        main = None
+    elif isinstance(hs, dict):
+        main = ("dict", tuple(sorted(hs)), tuple(len(v) if hasattr(v, "__len__") else -1 for _, v in sorted(hs.items())))
+    else:
+        arr = np.asarray(hs)
+        main = ("array", arr.shape)
+    if not mods and main is None:
+        return None
+    return (mods, tuple(np.asarray(meta[k]).size for k in mods), main)
+
+
+def _score_flat(meta: dict, sig) -> np.ndarray:
+    mods, _, main = sig
+    parts = [np.asarray(meta[k], dtype=np.float64).reshape(-1) for k in mods]
+    hs = meta.get("head_scores")
+    if main is not None and main[0] == "dict":
+        parts += [np.asarray(hs[k], dtype=np.float64).reshape(-1) for k in main[1]]
+    elif main is not None:
+        parts.append(np.asarray(hs, dtype=np.float64).reshape(-1))
+    try:
+        return np.concatenate(parts) if parts else np.zeros(0)
+    except (TypeError, ValueError):
+        return np.full(sum(p.size for p in parts), np.nan)
+
+
+def _locate(meta: dict, sig, name: str, H: int) -> np.ndarray:
+    """Indices into _score_flat of the H scores head_scores(meta, name) resolves to (same precedence)."""
+    mods, sizes, main = sig
+    from .meta import _prefix_match, layer_index
+    offs = np.cumsum((0,) + sizes)
+    key = _prefix_match([k[len("head_scores/"):] for k in mods], name)
+    if key is not None:
+        i = mods.index("head_scores/" + key)
+        return np.arange(offs[i], offs[i] + H)
+    base = int(offs[-1])
+    if main[0] == "dict":
+        key = _prefix_match(list(main[1]), name)
+        i = main[1].index(key)
+        start = base + sum(main[2][:i])
+        return np.arange(start, start + H)
+    shape = main[1]
+    if len(shape) == 1:
+        return np.arange(base, base + H)
+    layer = layer_index(name)
+    return np.arange(base + layer * shape[1], base + layer * shape[1] + H)

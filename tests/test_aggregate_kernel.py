@@ -1,0 +1,158 @@
+"""The native kernel _C.accumulate / _C.sum_squares against numpy (decode, weight, scatter), and its plan checks."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fedsparse
+from fedsparse import _backend
+from fedsparse.sparsity import KIND_DENSE, KIND_ELEMENTS, KIND_HEAD_COLS, KIND_HEAD_ROWS, element_mask, matrix_view
+from fedsparse.unpack import decode_entry
+
+C = _backend.native
+pytestmark = pytest.mark.skipif(C is None, reason="native module not built")
+PER_TENSOR, PER_HEAD, PER_ELEMENT = 0, 1, 2
+
+
+def one_tensor_payload(shape, kind, n_heads, mask, bits, group_size, rng):
+    x = rng.standard_normal(shape).astype(np.float32)
+    if kind == KIND_HEAD_ROWS:
+        p = fedsparse.pack({"m.q_proj.lora_B": x}, head_mask={"m.q_proj": mask}, bits=bits, group_size=group_size)
+    elif kind == KIND_HEAD_COLS:
+        p = fedsparse.pack({"m.o_proj.lora_A": x}, head_mask={"m.o_proj": mask}, bits=bits, group_size=group_size)
+    elif kind == KIND_ELEMENTS:
+        p = fedsparse.pack({"t": x}, topk=0.4, bits=bits, group_size=group_size)
+    else:
+        p = fedsparse.pack({"t": x}, bits=bits, group_size=group_size)
+    u = fedsparse.unpack(p)
+    (name,) = list(u)
+    return p, u.layout, u.entry(name)
+
+
+def plan_row(e, acc_off=0, w_off=0, wsum_off=-1, mode=None, mask_off=None, kind=None, n_heads=None):
+    kind = e.kind if kind is None else kind
+    n_heads = e.n_heads if n_heads is None else n_heads
+    r, c = matrix_view(e.shape, kind)
+    if mode is None:
+        mode = {KIND_DENSE: PER_TENSOR, KIND_ELEMENTS: PER_ELEMENT}.get(kind, PER_HEAD)
+    return np.array([[kind, r, c, n_heads, e.mask_offset if mask_off is None else mask_off, e.n_kept, e.bits,
+                      e.data_offset, e.data_nbytes, acc_off, w_off, wsum_off, mode]], np.int64)
+
+
+@settings(max_examples=60, deadline=None)
+@given(kind=st.sampled_from([KIND_DENSE, KIND_HEAD_ROWS, KIND_HEAD_COLS, KIND_ELEMENTS]),
+       bits=st.sampled_from([32, 16, 8, 4, 2]), group_size=st.sampled_from([16, 64, 256]),
+       n_heads=st.integers(1, 6), per_head=st.integers(1, 5), other=st.integers(1, 70),
+       seed=st.integers(0, 2**31), scale=st.sampled_from([1.0, 0.37]), per_element=st.booleans())
+def test_accumulate_matches_numpy(kind, bits, group_size, n_heads, per_head, other, seed, scale, per_element):
+    rng = np.random.default_rng(seed)
+    if kind == KIND_HEAD_ROWS:
+        shape = (n_heads * per_head, other)
+    elif kind == KIND_HEAD_COLS:
+        shape = (other, n_heads * per_head)
+    else:
+        shape = (other, per_head + 1)
+    mask = rng.random(n_heads) < 0.6
+    p, layout, e = one_tensor_payload(shape, kind, n_heads, mask, bits, group_size, rng)
+    numel = int(np.prod(shape))
+    heads = kind in (KIND_HEAD_ROWS, KIND_HEAD_COLS)
+    nw = e.n_heads if heads else 1
+    w = rng.random(nw + 3).astype(np.float32)
+    mode = PER_ELEMENT if per_element else None
+    n_ws = numel if (per_element or kind == KIND_ELEMENTS) else nw
+    acc0 = rng.standard_normal(numel + 5).astype(np.float32)
+    ws0 = rng.random(n_ws + 2).astype(np.float32)
+    acc, wsum, counts = acc0.copy(), ws0.copy(), np.zeros_like(ws0)
+    C.accumulate(p, plan_row(e, acc_off=5, w_off=3, wsum_off=2, mode=mode), w, scale, layout.group_size, acc, wsum,
+                 counts)
+
+    x = decode_entry(memoryview(p), e, layout.group_size).reshape(-1)
+    bits_mask = fedsparse.unpack(p).head_masks.get(e.name, fedsparse.unpack(p).element_masks.get(e.name))
+    sent = element_mask(e.shape, e.kind, bits_mask).reshape(-1)
+    wu = w[3:3 + nw]
+    if heads:
+        wel = element_mask(e.shape, e.kind, np.ones(e.n_heads, bool)).astype(np.float32).reshape(-1)
+        r, c = matrix_view(e.shape, e.kind)
+        grid = np.repeat(wu, r // e.n_heads)[:, None].repeat(c, 1) if e.kind == KIND_HEAD_ROWS else \
+            np.repeat(wu, c // e.n_heads)[None, :].repeat(r, 0)
+        wel = grid.reshape(-1)
+    else:
+        wel = np.full(numel, wu[0], np.float32)
+    np.testing.assert_allclose(acc[5:], acc0[5:] + np.where(sent, scale * wel * x, 0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(acc[:5], acc0[:5])
+    exp_ws, exp_cnt = ws0.copy(), np.zeros_like(ws0)
+    if per_element or kind == KIND_ELEMENTS:
+        exp_ws[2:] += np.where(sent, wel, 0)
+        exp_cnt[2:] += sent
+    elif heads:
+        exp_ws[2:] += np.where(bits_mask, wu, 0)
+        exp_cnt[2:] += bits_mask
+    else:
+        exp_ws[2] += wu[0]
+        exp_cnt[2] += 1
+    np.testing.assert_allclose(wsum, exp_ws, rtol=1e-6)
+    np.testing.assert_array_equal(counts, exp_cnt)
+    ssq = C.sum_squares(p, plan_row(e), layout.group_size)
+    assert ssq == pytest.approx(float(np.square(x.astype(np.float64)).sum()), rel=1e-5, abs=1e-9)
+
+
+def test_dense_entry_as_all_heads_kept():
+    rng = np.random.default_rng(0)
+    p, layout, e = one_tensor_payload((8, 5), KIND_DENSE, 0, None, 8, 64, rng)
+    w = np.array([1, 2, 3, 4], np.float32)
+    acc, ws, cnt = np.zeros(40, np.float32), np.zeros(4, np.float32), np.zeros(4, np.float32)
+    C.accumulate(p, plan_row(e, wsum_off=0, kind=KIND_HEAD_ROWS, n_heads=4, mask_off=-1, mode=PER_HEAD), w, 1.0,
+                 layout.group_size, acc, ws, cnt)
+    x = decode_entry(memoryview(p), e, layout.group_size)
+    np.testing.assert_allclose(acc.reshape(8, 5), x * np.repeat(w, 2)[:, None], rtol=1e-6)
+    np.testing.assert_array_equal(ws, w)
+    np.testing.assert_array_equal(cnt, 1)
+
+
+@pytest.mark.parametrize("col,value,match", [
+    (7, 10**9, "values outside the payload"),
+    (7, -1, "values outside the payload"),
+    (8, 3, "value section size"),
+    (4, 10**9, "mask outside the payload"),
+    (9, 100, "accumulator too small"),
+    (10, 20, "weights too short"),
+    (11, 9, "wsum too short"),
+    (12, 0, "wsum_mode does not fit"),
+    (0, 7, "unknown sparsity kind"),
+    (6, 5, "bad bit width"),
+    (3, 3, "n_heads must divide"),
+    (5, 1, "value section size|kept"),
+])
+def test_bad_plans_raise_and_write_nothing(col, value, match):
+    rng = np.random.default_rng(1)
+    p, layout, e = one_tensor_payload((8, 6), KIND_HEAD_ROWS, 4, np.array([True, False, True, True]), 8, 16, rng)
+    good = plan_row(e, wsum_off=0)
+    plan = np.concatenate([good, good])
+    plan[1, col] = value
+    w = np.ones(4, np.float32)
+    acc, ws, cnt = np.zeros(48, np.float32), np.zeros(4, np.float32), np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match=match):
+        C.accumulate(p, plan, w, 1.0, layout.group_size, acc, ws, cnt)
+    assert not acc.any() and not ws.any() and not cnt.any()
+
+
+def test_bad_buffers():
+    rng = np.random.default_rng(2)
+    p, layout, e = one_tensor_payload((8, 6), KIND_DENSE, 0, None, 8, 16, rng)
+    plan = plan_row(e, wsum_off=0)
+    ok = dict(acc=np.zeros(48, np.float32), wsum=np.zeros(1, np.float32), counts=np.zeros(1, np.float32))
+    with pytest.raises(ValueError, match="finite"):
+        C.accumulate(p, plan, np.array([np.nan], np.float32), 1.0, 16, **ok)
+    with pytest.raises(ValueError, match="scale"):
+        C.accumulate(p, plan, np.ones(1, np.float32), float("inf"), 16, **ok)
+    with pytest.raises(ValueError, match="plan must be"):
+        C.accumulate(p, plan.astype(np.int32), np.ones(1, np.float32), 1.0, 16, **ok)
+    with pytest.raises(ValueError, match="acc must be"):
+        C.accumulate(p, plan, np.ones(1, np.float32), 1.0, 16, np.zeros(48), ok["wsum"], ok["counts"])
+    with pytest.raises(ValueError, match="counts must be"):
+        C.accumulate(p, plan, np.ones(1, np.float32), 1.0, 16, ok["acc"], ok["wsum"], np.zeros(2, np.float32))
+    with pytest.raises(ValueError, match="group_size"):
+        C.accumulate(p, plan, np.ones(1, np.float32), 1.0, 24, **ok)
+    shared = np.zeros(60, np.float32)
+    with pytest.raises(ValueError, match="overlap"):
+        C.accumulate(p, plan, np.ones(1, np.float32), 1.0, 16, shared[:48], shared[40:41], np.zeros(1, np.float32))
