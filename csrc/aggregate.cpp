@@ -16,13 +16,15 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <tuple>
+#include <utility>
 #include <cmath>
 #include <vector>
 
 #include "common.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FS_AGG_HOT __attribute__((target_clones("avx2", "default")))
+#define FS_AGG_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))  // AVX2 + FMA
 #else
 #define FS_AGG_HOT
 #endif
@@ -74,6 +76,27 @@ struct Tensor {
       default: *unit = 0; return 0;
     }
   }
+  // How many kept (compact) elements land before flat output index e (0 <= e <= R*C). Heads own contiguous
+  // row blocks (head rows) or column blocks within each row (head columns), so this is a count of kept
+  // heads before e's head plus e's offset inside its own head if that one is kept.
+  int64_t compact_pos(int64_t e) const {
+    const int64_t numel = R * C, ku = int64_t(units.size());
+    if (numel == 0 || e <= 0) return 0;
+    if (e >= numel) return n_kept;
+    const auto before = [&](int64_t h) { return int64_t(std::lower_bound(units.begin(), units.end(), h) - units.begin()); };
+    switch (kind) {
+      case kHeadRows: {
+        const int64_t h = e / seg_len, b = before(h);
+        return b * seg_len + (b < ku && units[size_t(b)] == h ? e - h * seg_len : 0);
+      }
+      case kHeadCols: {
+        const int64_t row = e / C, col = e % C, h = col / seg_len, b = before(h);
+        return row * ku * seg_len + b * seg_len + (b < ku && units[size_t(b)] == h ? col - h * seg_len : 0);
+      }
+      case kElements: return before(e);
+      default: return e;
+    }
+  }
   template <class Fn>  // fn(dst offset, compact offset relative to k0, count, weight) per run of [k0, k0+cnt)
   void for_runs(int64_t k0, int64_t cnt, Fn fn) const {
     int64_t done = 0;
@@ -93,9 +116,6 @@ struct Item {
   int64_t k0, cnt;
 };
 
-FS_AGG_HOT void axpy_u8(float* __restrict acc, const uint8_t* __restrict c, int64_t n, float f) {
-  for (int64_t i = 0; i < n; ++i) acc[i] += float(int(c[i]) - 128) * f;
-}
 FS_AGG_HOT void axpy_f32(float* __restrict acc, const float* __restrict x, int64_t n, float f) {
   for (int64_t i = 0; i < n; ++i) acc[i] += x[i] * f;
 }
@@ -248,45 +268,93 @@ Plan build_plan(const In& payload, const py::buffer& plan_b, int64_t gs, const T
   return plan;
 }
 
-void run_item(const Plan& plan, const Item& it, float scale, std::vector<float>& buf) {
-  const Tensor& t = plan.tensors[size_t(it.t)];
-  const int64_t gs = t.bits <= 8 ? plan.gs : kChunk;
-  for (int64_t g0 = it.k0; g0 < it.k0 + it.cnt; g0 += gs) {  // one quantization group at a time
-    const int64_t cnt = std::min(gs, it.k0 + it.cnt - g0);
-    if (t.bits == 8) {  // fused: no decode buffer
-      const int64_t g = g0 / gs, n_groups = (t.n_kept + gs - 1) / gs;
-      const float step = f16_to_f32(load_u16le(t.values + 4 + 2 * g)) * load_f32le(t.values);
-      const uint8_t* codes = t.values + 4 + 2 * n_groups + g0;
-      t.for_runs(g0, cnt, [&](int64_t dst, int64_t d, int64_t n, float w) {
-        axpy_u8(t.acc + dst, codes + d, n, step * (w * scale));
-      });
-    } else {
-      decode(t, g0, cnt, gs, buf.data());
-      t.for_runs(g0, cnt, [&](int64_t dst, int64_t d, int64_t n, float w) {
-        axpy_f32(t.acc + dst, buf.data() + d, n, w * scale);
-      });
-    }
-    if (t.wsum && t.wsum_mode == kPerElement) {  // disjoint elements per item: no race
-      t.for_runs(g0, cnt, [&](int64_t dst, int64_t, int64_t n, float w) {
-        for (int64_t i = 0; i < n; ++i) {
-          t.wsum[dst + i] += w;
-          t.counts[dst + i] += 1.f;
-        }
-      });
+#define FS_INLINE inline __attribute__((always_inline))
+template <int N>
+FS_INLINE void fma_u8_fixed(float* __restrict a, const uint8_t* __restrict c, float f) {
+  for (int i = 0; i < N; ++i) a[i] += float(int(c[i]) - 128) * f;
+}
+FS_INLINE void fma_u8(float* __restrict a, const uint8_t* __restrict c, int64_t n, float f) {
+  for (int64_t i = 0; i < n; ++i) a[i] += float(int(c[i]) - 128) * f;
+}
+
+// 8 bits, the common case: one walk over the item's compact range, cut where a run (head block) or a
+// quantization group ends; each piece is one multiply-add loop with a constant factor. Cloned for AVX2
+// as a whole so the inner loop inlines (a call per 64-element piece through the ifunc costs ~20%).
+FS_AGG_HOT void run_u8(const Tensor& t, int64_t k0, int64_t cnt, int64_t gs, float scale) {
+  const int64_t n_groups = (t.n_kept + gs - 1) / gs;
+  const uint8_t* scales = t.values + 4;
+  const uint8_t* codes = t.values + 4 + 2 * n_groups;
+  const float tstep = load_f32le(t.values) * scale;
+  const int64_t end = k0 + cnt;
+  int64_t k = k0, s = k0 / t.seg_len, off = k0 % t.seg_len, unit = 0;
+  int64_t start = t.segment_start(s, &unit);
+  float wu = t.w[unit];
+  const int shift = __builtin_ctzll(uint64_t(gs));  // gs is a power of two: no division per piece
+  while (k < end) {
+    const int64_t g = k >> shift;
+    const int64_t take = std::min(std::min(t.seg_len - off, ((g + 1) << shift) - k), end - k);
+    const float f = f16_to_f32(load_u16le(scales + 2 * g)) * tstep * wu;
+    if (take == 64) fma_u8_fixed<64>(t.acc + start + off, codes + k, f);  // the usual piece: no loop tail
+    else fma_u8(t.acc + start + off, codes + k, take, f);
+    k += take;
+    off += take;
+    if (off == t.seg_len && k < end) {
+      off = 0;
+      start = t.segment_start(++s, &unit);
+      wu = t.w[unit];
     }
   }
 }
 
-// acc[...] += scale * w * dequantize(payload tensors); wsum[...] += w and counts[...] += 1 for the units
-// that travelled.
-void accumulate(const py::buffer& payload_b, const py::buffer& plan_b, const py::buffer& weights_b, float scale,
-                int64_t gs, const py::buffer& acc_b, const py::buffer& wsum_b, const py::buffer& counts_b) {
-  const In payload = read_only(payload_b, "payload");
-  py::buffer_info wi = weights_b.request(), ai = acc_b.request(true), si = wsum_b.request(true),
-                  ci = counts_b.request(true);
-  FS_CHECK(std::isfinite(scale), "scale must be finite");
-  FS_CHECK(wi.format == py::format_descriptor<float>::format() && wi.ndim == 1 && (wi.size == 0 || wi.strides[0] == 4),
-           "weights must be a contiguous float32 [n]");
+// acc += scale * w * values for the compact elements [k0, k0 + cnt) of one tensor (any range).
+void run_range(const Tensor& t, int64_t k0, int64_t cnt, int64_t gs, float scale, std::vector<float>& buf) {
+  if (cnt <= 0) return;
+  if (t.bits == 8) {
+    run_u8(t, k0, cnt, gs, scale);
+  } else {
+    const int64_t piece = t.bits <= 8 ? gs : kChunk;  // decode one quantization group (or chunk) at a time
+    for (int64_t k = k0; k < k0 + cnt;) {
+      const int64_t n = std::min((k / piece + 1) * piece, k0 + cnt) - k;
+      decode(t, k, n, gs, buf.data());
+      t.for_runs(k, n, [&](int64_t dst, int64_t d, int64_t m, float w) {
+        axpy_f32(t.acc + dst, buf.data() + d, m, w * scale);
+      });
+      k += n;
+    }
+  }
+  if (t.wsum && t.wsum_mode == kPerElement) {
+    t.for_runs(k0, cnt, [&](int64_t dst, int64_t, int64_t n, float w) {
+      for (int64_t i = 0; i < n; ++i) {
+        t.wsum[dst + i] += w;
+        t.counts[dst + i] += 1.f;
+      }
+    });
+  }
+}
+
+// A batch of payloads into the same accumulators: acc += scale_b * w * dequantize(tensor) for every tensor of
+// every payload b, and wsum += w, counts += 1 for the tensors / heads / elements that travelled.
+//
+// Order of work (why a batch): the output is cut into blocks of kBlock elements of one tensor, and each block
+// takes its slice from every payload of the batch in turn, so the block (64 KB) stays in L1/L2 while
+// B payloads stream through it. One payload at a time would sweep the whole float32 output (4 MB per 1M
+// parameters, L3 or DRAM) once per client; measured on 100 x 1M-parameter 8-bit payloads: 6.0 vs 13.6
+// G elements/s per core for the multiply-add loop alone. Each output element sees the payloads in batch
+// order whatever the thread count, so results are deterministic.
+constexpr int64_t kBlock = 16384;
+
+struct Unit {
+  int32_t group;
+  int64_t e0, e1;
+};
+
+void accumulate(const py::sequence& payloads, const py::sequence& plans, const py::sequence& weights,
+                const py::sequence& scales_seq, const py::sequence& group_sizes, const py::buffer& acc_b,
+                const py::buffer& wsum_b, const py::buffer& counts_b) {
+  const size_t B = py::len(payloads);
+  FS_CHECK(py::len(plans) == B && py::len(weights) == B && py::len(scales_seq) == B && py::len(group_sizes) == B,
+           "payloads, plans, weights, scales and group_sizes must have the same length");
+  py::buffer_info ai = acc_b.request(true), si = wsum_b.request(true), ci = counts_b.request(true);
   FS_CHECK(ai.format == py::format_descriptor<float>::format() && ai.ndim == 1 && ai.strides[0] == 4 && !ai.readonly,
            "acc must be a writable contiguous float32 [n]");
   FS_CHECK(si.format == py::format_descriptor<float>::format() && si.ndim == 1 && (si.size == 0 || si.strides[0] == 4) &&
@@ -295,45 +363,104 @@ void accumulate(const py::buffer& payload_b, const py::buffer& plan_b, const py:
   FS_CHECK(ci.format == si.format && ci.ndim == 1 && ci.size == si.size && (ci.size == 0 || ci.strides[0] == 4) &&
                !ci.readonly,
            "counts must be a writable contiguous float32 array of wsum's size");
-  float* acc = static_cast<float*>(ai.ptr);
-  float* wsum = static_cast<float*>(si.ptr);
-  Targets to;
-  to.w = static_cast<const float*>(wi.ptr);
-  to.nw = int64_t(wi.size);
-  to.acc = acc;
-  to.n_acc = int64_t(ai.size);
-  to.wsum = wsum;
-  to.counts = static_cast<float*>(ci.ptr);
-  to.n_wsum = int64_t(si.size);
-  to.present = true;
-  Plan plan = build_plan(payload, plan_b, gs, to);
   const auto disjoint = [](const void* a, int64_t na, const void* b, int64_t nb) {
     const char *pa = static_cast<const char*>(a), *pb = static_cast<const char*>(b);
     return na == 0 || nb == 0 || pa + na <= pb || pb + nb <= pa;
   };
-  FS_CHECK(disjoint(acc, 4 * ai.size, wsum, 4 * si.size) && disjoint(acc, 4 * ai.size, ci.ptr, 4 * ci.size) &&
-               disjoint(wsum, 4 * si.size, ci.ptr, 4 * ci.size),
+  FS_CHECK(disjoint(ai.ptr, 4 * ai.size, si.ptr, 4 * si.size) && disjoint(ai.ptr, 4 * ai.size, ci.ptr, 4 * ci.size) &&
+               disjoint(si.ptr, 4 * si.size, ci.ptr, 4 * ci.size),
            "acc, wsum and counts must not overlap");
 
-  py::gil_scoped_release nogil;
-  for (const Tensor& t : plan.tensors) {  // per-head and per-tensor weight sums: tiny, serial
-    if (!t.wsum) continue;
-    if (t.wsum_mode == kPerTensor) {
-      t.wsum[0] += t.w[0];
-      t.counts[0] += 1.f;
-    } else if (t.wsum_mode == kPerHead) {
-      for (int64_t h : t.units) {
-        t.wsum[h] += t.w[h];
-        t.counts[h] += 1.f;
-      }
+  std::vector<py::buffer_info> views;  // keep every buffer alive and pinned while the GIL is released
+  std::vector<Plan> batch(B);
+  std::vector<float> scale(B);
+  views.reserve(2 * B);
+  for (size_t b = 0; b < B; ++b) {
+    const std::string at = "payload " + std::to_string(b) + ": ";
+    views.push_back(py::buffer(payloads[b]).request());
+    const py::buffer_info& pv = views.back();
+    FS_CHECK(pv.ndim <= 1 && (pv.ndim == 0 || pv.strides[0] == pv.itemsize), at + "payload must be contiguous");
+    const In payload{static_cast<const uint8_t*>(pv.ptr), int64_t(pv.size * pv.itemsize)};
+    views.push_back(py::buffer(weights[b]).request());
+    const py::buffer_info& wv = views.back();
+    FS_CHECK(wv.format == py::format_descriptor<float>::format() && wv.ndim == 1 && (wv.size == 0 || wv.strides[0] == 4),
+             at + "weights must be a contiguous float32 [n]");
+    scale[b] = py::cast<float>(scales_seq[b]);
+    FS_CHECK(std::isfinite(scale[b]), at + "scale must be finite");
+    Targets to;
+    to.w = static_cast<const float*>(wv.ptr);
+    to.nw = int64_t(wv.size);
+    to.acc = static_cast<float*>(ai.ptr);
+    to.n_acc = int64_t(ai.size);
+    to.wsum = static_cast<float*>(si.ptr);
+    to.counts = static_cast<float*>(ci.ptr);
+    to.n_wsum = int64_t(si.size);
+    to.present = true;
+    try {
+      batch[b] = build_plan(payload, py::buffer(plans[b]), py::cast<int64_t>(group_sizes[b]), to);
+    } catch (const std::invalid_argument& e) {
+      throw std::invalid_argument(at + e.what());
     }
   }
-  const int64_t n_items = int64_t(plan.items.size());
-#pragma omp parallel if (plan.total_kept > kSerialBelow)
+
+  // Tensors of different payloads that share an accumulator range are folded together.
+  std::vector<std::vector<std::pair<int32_t, int32_t>>> groups;  // (payload, tensor) per output tensor
+  std::vector<std::pair<const float*, int64_t>> group_dst;
   {
-    std::vector<float> buf(size_t(std::max<int64_t>(plan.gs, kChunk)));
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t i = 0; i < n_items; ++i) run_item(plan, plan.items[size_t(i)], scale, buf);
+    std::vector<std::tuple<const float*, int64_t, int32_t, int32_t>> all;
+    for (size_t b = 0; b < B; ++b)
+      for (size_t i = 0; i < batch[b].tensors.size(); ++i) {
+        const Tensor& t = batch[b].tensors[i];
+        all.emplace_back(t.acc, t.R * t.C, int32_t(b), int32_t(i));
+      }
+    std::stable_sort(all.begin(), all.end(), [](const auto& x, const auto& y) { return std::get<0>(x) < std::get<0>(y); });
+    for (const auto& [ptr, numel, b, i] : all) {
+      if (groups.empty() || group_dst.back().first != ptr) {
+        FS_CHECK(group_dst.empty() || group_dst.back().first + group_dst.back().second <= ptr,
+                 "accumulator ranges of different tensors overlap");
+        groups.emplace_back();
+        group_dst.emplace_back(ptr, numel);
+      }
+      FS_CHECK(group_dst.back().second == numel, "tensors sharing an accumulator range differ in size");
+      groups.back().emplace_back(b, i);
+    }
+  }
+  std::vector<Unit> units;
+  int64_t total_kept = 0;
+  for (size_t g = 0; g < groups.size(); ++g) {
+    const int64_t numel = group_dst[g].second;
+    for (int64_t e0 = 0; e0 < numel; e0 += kBlock) units.push_back({int32_t(g), e0, std::min(numel, e0 + kBlock)});
+  }
+  for (const Plan& p : batch) total_kept += p.total_kept;
+
+  py::gil_scoped_release nogil;
+  for (const Plan& p : batch)  // per-head and per-tensor weight sums: tiny, serial, in payload order
+    for (const Tensor& t : p.tensors) {
+      if (!t.wsum) continue;
+      if (t.wsum_mode == kPerTensor) {
+        t.wsum[0] += t.w[0];
+        t.counts[0] += 1.f;
+      } else if (t.wsum_mode == kPerHead) {
+        for (int64_t h : t.units) {
+          t.wsum[h] += t.w[h];
+          t.counts[h] += 1.f;
+        }
+      }
+    }
+  const int64_t n_units = int64_t(units.size());
+#pragma omp parallel if (total_kept > kSerialBelow)
+  {
+    std::vector<float> buf(size_t(kChunk) + 65536);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u = 0; u < n_units; ++u) {
+      const Unit& un = units[size_t(u)];
+      for (const auto& [b, i] : groups[size_t(un.group)]) {
+        const Plan& p = batch[size_t(b)];
+        const Tensor& t = p.tensors[size_t(i)];
+        const int64_t ka = t.compact_pos(un.e0), kb = t.compact_pos(un.e1);
+        run_range(t, ka, kb - ka, p.gs, scale[size_t(b)], buf);
+      }
+    }
   }
 }
 
@@ -375,13 +502,14 @@ double sum_squares(const py::buffer& payload_b, const py::buffer& plan_b, int64_
 
 void init_aggregate(py::module_& m) {
   using namespace fedsparse;
-  m.def("accumulate", &accumulate, py::arg("payload"), py::arg("plan"), py::arg("weights"), py::arg("scale"),
-        py::arg("group_size"), py::arg("acc"), py::arg("wsum"), py::arg("counts"),
-        "acc += scale * w * dequantize(tensor) for every tensor of a payload, scattered to its place; wsum += w "
-        "and counts += 1 for the tensors / heads / elements that travelled. plan: int64 [n, 13] rows (kind, "
+  m.def("accumulate", &accumulate, py::arg("payloads"), py::arg("plans"), py::arg("weights"), py::arg("scales"),
+        py::arg("group_sizes"), py::arg("acc"), py::arg("wsum"), py::arg("counts"),
+        "For each payload b of a batch (sequences of equal length): acc += scales[b] * w * dequantize(tensor) for "
+        "every tensor, scattered to its place; wsum += w and counts += 1 for the tensors / heads / elements that "
+        "travelled. plans[b]: int64 [n, 13] rows (kind, "
         "rows, cols, n_heads, mask_offset or -1 for all kept, n_kept, bits, data_offset, data_nbytes, "
         "acc_offset, w_offset, wsum_offset or -1, wsum_mode 0 tensor / 1 head / 2 element); weights float32 "
-        "(one per head for head-sparse tensors, else one per tensor). Checks the whole plan before writing.");
+        "(one per head for head-sparse tensors, else one per tensor). Checks the whole batch before writing.");
   m.def("sum_squares", &sum_squares, py::arg("payload"), py::arg("plan"), py::arg("group_size"),
         "Sum of squares (float64) of the dequantized values of the planned tensors of a payload.");
 }

@@ -119,6 +119,19 @@ def test_clip_norm(method, backend):
     assert_close(aggregate(ps, method=method, clip_norm=3.0), REFS[method](ups, None), atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["headwise", "fedavg", "multibranch"])
+def test_batch_sizes_agree(method):
+    ps = branch_payloads() if method == "multibranch" else make_payloads(7, seed=17)
+    base = None if method == "multibranch" else make_base(ps)
+    ref = aggregate(ps, method=method, base=base, batch=1)
+    for batch in (2, 3, 100):
+        res = aggregate(iter(ps), method=method, base=base, batch=batch)
+        for n in ref:
+            np.testing.assert_allclose(res[n], ref[n], rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="batch"):
+        aggregate(ps, batch=0)
+
+
 def test_given_weights_sequence_and_mapping():
     ps = make_payloads(4, seed=2)
     w = [0.5, 2.0, 0.0, 1.5]

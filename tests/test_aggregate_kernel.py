@@ -14,6 +14,11 @@ pytestmark = pytest.mark.skipif(C is None, reason="native module not built")
 PER_TENSOR, PER_HEAD, PER_ELEMENT = 0, 1, 2
 
 
+def acc1(payload, plan, weights, scale, group_size, acc, wsum, counts):
+    """One payload through the batch kernel."""
+    C.accumulate([payload], [plan], [weights], [scale], [group_size], acc, wsum, counts)
+
+
 def one_tensor_payload(shape, kind, n_heads, mask, bits, group_size, rng):
     x = rng.standard_normal(shape).astype(np.float32)
     if kind == KIND_HEAD_ROWS:
@@ -63,7 +68,7 @@ def test_accumulate_matches_numpy(kind, bits, group_size, n_heads, per_head, oth
     acc0 = rng.standard_normal(numel + 5).astype(np.float32)
     ws0 = rng.random(n_ws + 2).astype(np.float32)
     acc, wsum, counts = acc0.copy(), ws0.copy(), np.zeros_like(ws0)
-    C.accumulate(p, plan_row(e, acc_off=5, w_off=3, wsum_off=2, mode=mode), w, scale, layout.group_size, acc, wsum,
+    acc1(p, plan_row(e, acc_off=5, w_off=3, wsum_off=2, mode=mode), w, scale, layout.group_size, acc, wsum,
                  counts)
 
     x = decode_entry(memoryview(p), e, layout.group_size).reshape(-1)
@@ -101,7 +106,7 @@ def test_dense_entry_as_all_heads_kept():
     p, layout, e = one_tensor_payload((8, 5), KIND_DENSE, 0, None, 8, 64, rng)
     w = np.array([1, 2, 3, 4], np.float32)
     acc, ws, cnt = np.zeros(40, np.float32), np.zeros(4, np.float32), np.zeros(4, np.float32)
-    C.accumulate(p, plan_row(e, wsum_off=0, kind=KIND_HEAD_ROWS, n_heads=4, mask_off=-1, mode=PER_HEAD), w, 1.0,
+    acc1(p, plan_row(e, wsum_off=0, kind=KIND_HEAD_ROWS, n_heads=4, mask_off=-1, mode=PER_HEAD), w, 1.0,
                  layout.group_size, acc, ws, cnt)
     x = decode_entry(memoryview(p), e, layout.group_size)
     np.testing.assert_allclose(acc.reshape(8, 5), x * np.repeat(w, 2)[:, None], rtol=1e-6)
@@ -132,7 +137,7 @@ def test_bad_plans_raise_and_write_nothing(col, value, match):
     w = np.ones(4, np.float32)
     acc, ws, cnt = np.zeros(48, np.float32), np.zeros(4, np.float32), np.zeros(4, np.float32)
     with pytest.raises(ValueError, match=match):
-        C.accumulate(p, plan, w, 1.0, layout.group_size, acc, ws, cnt)
+        acc1(p, plan, w, 1.0, layout.group_size, acc, ws, cnt)
     assert not acc.any() and not ws.any() and not cnt.any()
 
 
@@ -142,17 +147,57 @@ def test_bad_buffers():
     plan = plan_row(e, wsum_off=0)
     ok = dict(acc=np.zeros(48, np.float32), wsum=np.zeros(1, np.float32), counts=np.zeros(1, np.float32))
     with pytest.raises(ValueError, match="finite"):
-        C.accumulate(p, plan, np.array([np.nan], np.float32), 1.0, 16, **ok)
+        acc1(p, plan, np.array([np.nan], np.float32), 1.0, 16, **ok)
     with pytest.raises(ValueError, match="scale"):
-        C.accumulate(p, plan, np.ones(1, np.float32), float("inf"), 16, **ok)
+        acc1(p, plan, np.ones(1, np.float32), float("inf"), 16, **ok)
     with pytest.raises(ValueError, match="plan must be"):
-        C.accumulate(p, plan.astype(np.int32), np.ones(1, np.float32), 1.0, 16, **ok)
+        acc1(p, plan.astype(np.int32), np.ones(1, np.float32), 1.0, 16, **ok)
     with pytest.raises(ValueError, match="acc must be"):
-        C.accumulate(p, plan, np.ones(1, np.float32), 1.0, 16, np.zeros(48), ok["wsum"], ok["counts"])
+        acc1(p, plan, np.ones(1, np.float32), 1.0, 16, np.zeros(48), ok["wsum"], ok["counts"])
     with pytest.raises(ValueError, match="counts must be"):
-        C.accumulate(p, plan, np.ones(1, np.float32), 1.0, 16, ok["acc"], ok["wsum"], np.zeros(2, np.float32))
+        acc1(p, plan, np.ones(1, np.float32), 1.0, 16, ok["acc"], ok["wsum"], np.zeros(2, np.float32))
     with pytest.raises(ValueError, match="group_size"):
-        C.accumulate(p, plan, np.ones(1, np.float32), 1.0, 24, **ok)
+        acc1(p, plan, np.ones(1, np.float32), 1.0, 24, **ok)
     shared = np.zeros(60, np.float32)
     with pytest.raises(ValueError, match="overlap"):
-        C.accumulate(p, plan, np.ones(1, np.float32), 1.0, 16, shared[:48], shared[40:41], np.zeros(1, np.float32))
+        acc1(p, plan, np.ones(1, np.float32), 1.0, 16, shared[:48], shared[40:41], np.zeros(1, np.float32))
+
+
+def test_batch_equals_one_at_a_time_across_blocks():
+    """Tensors bigger than the kernel's 16384-element output blocks, every kind, mixed bits: a batch gives what
+    one payload at a time gives (the block boundaries cut heads, rows and groups anywhere)."""
+    rng = np.random.default_rng(3)
+    specs = [((384, 64), KIND_HEAD_ROWS, 6), ((64, 390), KIND_HEAD_COLS, 6), ((200, 97), KIND_ELEMENTS, 0),
+             ((150, 131), KIND_DENSE, 0)]
+    for shape, kind, n_heads in specs:
+        numel = int(np.prod(shape))
+        items = []
+        for b, bits in enumerate([8, 8, 4, 32, 16, 2, 8]):
+            mask = rng.random(max(n_heads, 1)) < 0.5
+            p, layout, e = one_tensor_payload(shape, kind, n_heads, mask, bits, [16, 64, 128][b % 3], rng)
+            nw = n_heads if kind in (KIND_HEAD_ROWS, KIND_HEAD_COLS) else 1
+            n_ws = numel if kind == KIND_ELEMENTS else nw
+            items.append((p, plan_row(e, wsum_off=0), rng.random(nw).astype(np.float32), float(rng.random()),
+                          layout.group_size))
+        seq = [np.zeros(numel, np.float32), np.zeros(n_ws, np.float32), np.zeros(n_ws, np.float32)]
+        for it in items:
+            acc1(*it, *seq)
+        bat = [np.zeros(numel, np.float32), np.zeros(n_ws, np.float32), np.zeros(n_ws, np.float32)]
+        C.accumulate(*[list(x) for x in zip(*items)], *bat)
+        for x, y in zip(seq, bat):
+            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+        assert np.abs(seq[0]).sum() > 0
+
+
+def test_bad_payload_in_a_batch_writes_nothing():
+    rng = np.random.default_rng(4)
+    p, layout, e = one_tensor_payload((8, 6), KIND_DENSE, 0, None, 8, 16, rng)
+    good, bad = plan_row(e), plan_row(e)
+    bad[0, 7] = 10**9
+    acc = np.zeros(48, np.float32)
+    e0 = np.zeros(0, np.float32)
+    with pytest.raises(ValueError, match="payload 1: .*values outside the payload"):
+        C.accumulate([p, p], [good, bad], [np.ones(1, np.float32)] * 2, [1.0, 1.0], [16, 16], acc, e0, e0.copy())
+    assert not acc.any()
+    with pytest.raises(ValueError, match="same length"):
+        C.accumulate([p, p], [good], [np.ones(1, np.float32)] * 2, [1.0, 1.0], [16, 16], acc, e0, e0.copy())

@@ -15,7 +15,7 @@ from .hetero import HETERO_METHODS, HeteroAccumulator
 from .meta import AggregationError, branch_of, client_label, layer_index, num_examples, replace_layer
 from .reference import is_shared_fn, layer_mapper
 from .robust import robust_aggregate
-from .stream import PER_HEAD, Accumulator, read_client
+from .stream import Accumulator, read_client
 
 METHODS = ("fedavg", "headwise", "median", "trimmed_mean", "multibranch") + HETERO_METHODS
 
@@ -146,6 +146,7 @@ def aggregate(
     target_depth: int | None = None,
     inner: str = "headwise",
     max_elements: int = DEFAULT_MAX_ELEMENTS,
+    batch: int = 16,
 ) -> AggregateResult:
     """Aggregate packed client updates (bytes from fedsparse.pack, or PackedUpdate) in one pass.
 
@@ -168,7 +169,10 @@ def aggregate(
     weights: per payload (sequence) or per client id (mapping); default metadata num_examples (else 1).
         Normalised: any positive scaling gives the same result.
     base: the previous global state (name -> array), for what nobody sent. Never modified.
-    clip_norm: scale each client's update to L2 norm <= clip_norm first (all methods but hetero ranks).
+    clip_norm: scale each client's update to L2 norm <= clip_norm first.
+    batch: how many parsed payloads the native kernel folds in per call (it blocks the output across them, so
+        it stays in cache); from an iterator that many payloads are held at once. 1 holds only one.
+    max_elements: per-payload cap on declared tensor elements (fedsparse.unpack's).
 
     Errors (nothing is returned, nothing given is modified): no payloads, different format versions,
     tensors whose names or shapes differ, bad weights or metadata -> AggregationError; malformed payloads
@@ -181,6 +185,8 @@ def aggregate(
         raise ValueError(f"inner must be 'headwise' or 'fedavg', got {inner!r}")
     if clip_norm is not None and not (math.isfinite(clip_norm) and clip_norm > 0):
         raise ValueError(f"clip_norm must be a finite number > 0, got {clip_norm!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
     if isinstance(payloads, (bytes, bytearray, memoryview)):
         raise TypeError("payloads must be an iterable of payloads, not a single payload")
     wfn = _Weights(weights)
@@ -221,9 +227,10 @@ def aggregate(
     if method == "multibranch":
         return _multibranch(clients(), wfn, ids, metas, raw, base=base, clip_norm=clip_norm, shared=shared,
                             branch_weights=branch_weights, layer_map=layer_map, depths=depths,
-                            target_depth=target_depth, inner=inner)
+                            target_depth=target_depth, inner=inner, batch=batch)
 
-    acc = Accumulator(track_sums=method == "headwise" or base is not None, use_scores=method == "headwise")
+    acc = Accumulator(track_sums=method == "headwise" or base is not None, use_scores=method == "headwise",
+                      batch=batch)
     for c, w in clients():
         if acc.acc is None and base is not None:
             acc._start(c)
@@ -260,7 +267,7 @@ def _normalised(ids, raw) -> dict:
 
 
 def _multibranch(clients, wfn, ids, metas, raw, *, base, clip_norm, shared, branch_weights, layer_map, depths,
-                 target_depth, inner) -> AggregateResult:
+                 target_depth, inner, batch) -> AggregateResult:
     is_shared = is_shared_fn(shared)
     accs: dict = {}
     members: dict = {}
@@ -269,7 +276,8 @@ def _multibranch(clients, wfn, ids, metas, raw, *, base, clip_norm, shared, bran
         br = branch_of(c.metadata, c.cid)
         acc = accs.get(br)
         if acc is None:
-            acc = accs[br] = Accumulator(track_sums=True, use_scores=inner == "headwise", label=f" in branch {br!r}")
+            acc = accs[br] = Accumulator(track_sums=True, use_scores=inner == "headwise", label=f" in branch {br!r}",
+                                         batch=batch)
         if "num_layers" in c.metadata:
             L = c.metadata["num_layers"]
             if declared.setdefault(br, L) != L:

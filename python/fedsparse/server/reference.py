@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..sparsity import KIND_DENSE, KIND_ELEMENTS, KIND_HEAD_COLS, KIND_HEAD_ROWS, element_mask, matrix_view
+from ..sparsity import KIND_DENSE, KIND_HEAD_COLS, KIND_HEAD_ROWS, element_mask, matrix_view
 from .meta import (AggregationError, branch_of, client_id, client_label, head_scores, layer_index, num_examples,
                    replace_layer)
 

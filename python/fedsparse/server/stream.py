@@ -57,6 +57,15 @@ def _parse(buf, max_elements: int) -> Layout:
     return Layout(version, group_size, meta_offset, meta_len, entries)
 
 
+def _table_key(client) -> bytes:
+    """The payload's tensor table, byte for byte: names, order, dtypes, kinds, head counts and shapes (not the
+    masks, which live in the data section). Equal tables mean one plan; cheaper than comparing entries."""
+    lay = client.layout
+    start = lay.meta_offset + lay.meta_len
+    end = lay.entries[0].mask_offset if lay.entries else start
+    return bytes(memoryview(client.buffer)[start:end])
+
+
 class Client:
     """One parsed payload: buffer, layout, metadata, id."""
 
@@ -158,8 +167,10 @@ class Accumulator:
     use_scores: weight heads by the clients' head_scores metadata (headwise).
     """
 
-    def __init__(self, *, track_sums: bool, use_scores: bool, label: str = ""):
+    def __init__(self, *, track_sums: bool, use_scores: bool, label: str = "", batch: int = 16):
         self.track, self.use_scores, self.label = track_sums, use_scores, label
+        self.batch = max(1, int(batch))
+        self._pending: list = []
         self.tensors: dict = {}
         self.order: list = []
         self.acc = None
@@ -231,7 +242,7 @@ class Accumulator:
 
     def _plan_for(self, client: Client):
         """(static plan rows, weight-slot layout) for this client's entry structure; cached."""
-        key = tuple((e.name, e.shape, e.kind, e.n_heads) for e in client.tensors)
+        key = _table_key(client)
         hit = self._plans.get(key)
         if hit is not None:
             return hit
@@ -239,6 +250,7 @@ class Accumulator:
         old = [(t.mode, t.hkind, t.H, t.wsum_off, t.n_units if self.track else 0)
                for t in (self.tensors[n] for n in self.order)]
         if any([self.tensors[e.name].want(e) for e in client.tensors]):
+            self.flush()  # pending plans point at the old sums
             self._relayout_sums(old)
         rows = np.zeros((len(client.tensors), N_COLS), np.int64)
         slots = []  # per entry: (name, kind, n_heads, slot offset, n slots)
@@ -305,17 +317,31 @@ class Accumulator:
         plan[:, [C_MASK, C_KEPT, C_BITS, C_DATA, C_NBYTES]] = dyn
         plan[all_kept, C_MASK] = -1
         w = self._unit_weights(client, weight, slots, n_slots, cache)
-        native = _backend.native
-        if native is not None:
-            try:
-                native.accumulate(client.buffer, plan, w, float(scale), client.layout.group_size, self.acc,
-                                  self.wsum, self.counts)
-            except ValueError as exc:  # the plan is checked whole before anything is written
-                raise PayloadError(f"{client_label(client.cid)}: {exc}") from None
+        if _backend.native is not None:
+            self._pending.append((client, plan, w, float(scale)))
+            if len(self._pending) >= self.batch:
+                self.flush()
         else:
             self._add_numpy(client, plan, w, scale)
         self.total_weight += weight
         self.n_clients += 1
+
+    def flush(self) -> None:
+        """Fold the pending payloads in (one native call: the kernel blocks the output across them)."""
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        try:
+            _backend.native.accumulate([c.buffer for c, *_ in batch], [p for _, p, _, _ in batch],
+                                       [w for *_, w, _ in batch], [s for *_, s in batch],
+                                       [c.layout.group_size for c, *_ in batch], self.acc, self.wsum, self.counts)
+        except ValueError as exc:  # the batch is checked whole before anything is written
+            msg = str(exc)
+            who = "a client of the batch"
+            if msg.startswith("fedsparse: payload "):
+                index = int(msg.split()[2].rstrip(":"))
+                who = client_label(batch[index][0].cid)
+            raise PayloadError(f"{who}: {msg}") from None
 
     def _add_numpy(self, client: Client, plan, w, scale) -> None:
         """The same as the kernel, through the reference decoder (no native module)."""
@@ -389,6 +415,7 @@ class Accumulator:
     def finish(self, method: str, base) -> tuple:
         """Normalise in place. Returns (tensors, covered, head_counts, head_weights), all name -> array;
         covered: bool per element (flat) where some client sent the element with weight > 0."""
+        self.flush()
         self.check_base(base)
         total = self.total_weight
         tensors, covered, head_counts, head_weights = {}, {}, {}, {}
@@ -454,7 +481,8 @@ def _score_signature(meta: dict):
     if hs is None:
         main = None
     elif isinstance(hs, dict):
-        main = ("dict", tuple(sorted(hs)), tuple(len(v) if hasattr(v, "__len__") else -1 for _, v in sorted(hs.items())))
+        lengths = tuple(len(v) if hasattr(v, "__len__") else -1 for _, v in sorted(hs.items()))
+        main = ("dict", tuple(sorted(hs)), lengths)
     else:
         arr = np.asarray(hs)
         main = ("array", arr.shape)
