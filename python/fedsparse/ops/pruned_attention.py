@@ -1,9 +1,352 @@
-"""pruned_attention: placeholder that runs the reference until the fused kernels land."""
+"""pruned_attention: scaled dot-product attention in which pruned heads output zeros and cost nothing.
+
+Registered as the torch.library custom ops ``fedsparse::pruned_attention`` (forward; returns the output, the
+row log-sum-exp that the backward needs, and the head confidence) and ``fedsparse::pruned_attention_backward``,
+with a fake (meta) implementation each and autograd wired between them, so the op traces under torch.compile.
+
+Work is laid out over the kept (batch, head) pairs only, forward and backward:
+  * CUDA: the Triton kernels of ``fedsparse.kernels.attention`` (grid over kept pairs only).
+  * CPU (float32, float16, bfloat16): the kept pairs are gathered (one copy of 1/10 of q, k, v at 90% pruning)
+    and handed to ATen's CPU flash-attention kernels as a batch of N single-head problems; results are written
+    into the full tensors with one contiguous copy per kept pair and one memset per pruned pair.
+    Measured on 2 Xeon cores, B=8, H=20, S=256, D=32, 2 of 20 heads kept, forward + backward: the kept-only
+    SDPA call itself is ~2.8 ms of the total; the rest is writing the full-size outputs and gradients
+    (4 x 5.2 MB, ~0.8 ms, unavoidable: they are dense tensors) and the gathers. The naive way (index_select,
+    SDPA, torch.zeros + index_copy, and autograd's zeros + index_add for each of dq, dk, dv) writes every
+    pruned byte twice and gathers through autograd. See benchmarks/bench_attention.py.
+  * anything else (float64, other devices): the plain-torch reference, differentiated by autograd.
+
+Confidence (return_confidence=True) needs each row's max logit next to the log-sum-exp: the Triton kernel
+has both in registers; on CPU the row max comes from the native kernel ``fedsparse._C.attention_rowmax``
+(one pass over q k^T of the kept pairs, no S x S buffer) or, without it, from a chunked torch bmm.
+"""
 from __future__ import annotations
 
-from . import reference
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _common, reference
+from ._common import Masks, masked_mean, split_mask
+
+_ATEN = torch.ops.aten
+_CPU_FLASH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def pruned_attention(q, k, v, head_mask, *, attn_mask=None, is_causal=False, scale=None, return_confidence=False):
-    return reference.pruned_attention(q, k, v, head_mask, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                                      return_confidence=return_confidence)
+def pruned_attention(q: Tensor, k: Tensor, v: Tensor, head_mask: Tensor, *, attn_mask: Tensor | None = None,
+                     is_causal: bool = False, scale: float | None = None, return_confidence: bool = False):
+    """softmax(q k^T * scale + mask) v for the kept heads; zeros for pruned heads.
+
+    q [B, H, Sq, D]; k [B, Hk, Sk, D], v [B, Hk, Sk, Dv] with H % Hk == 0 (grouped-query heads); any strides.
+    head_mask: bool [H] or [B, H], True = kept. Keep it on the CPU when q is on a GPU: the kept-head list is
+    then read without a device sync.
+    attn_mask: bool [B, Sk] padding mask (True = valid; masks queries too when Sq == Sk), or a bool/float mask
+    broadcastable to [B, H, Sq, Sk] as in torch SDPA (the mask gets no gradient).
+    scale: default 1/sqrt(D).
+
+    Returns out [B, H, Sq, Dv] in q's dtype; with return_confidence also float32 [B, H]: each kept head's
+    confidence (mean over valid queries of the largest attention probability), 0 for pruned heads and for
+    samples with no valid query. Differentiable in q, k, v (not twice); the confidence is not differentiable.
+    Pruned heads' inputs are never read: their outputs and gradients are exact zeros even if they hold NaN.
+    NaN in a kept head's inputs propagates to that head's output and confidence.
+    """
+    _common.check_qkv(q, k, v)
+    b, h = q.shape[:2]
+    keep = _common.check_head_mask(head_mask, b, h)
+    out, _, conf = torch.ops.fedsparse.pruned_attention(
+        q, k, v, keep, attn_mask, bool(is_causal), _common.default_scale(q.shape[-1], scale),
+        bool(return_confidence))
+    return (out, conf) if return_confidence else out
+
+
+# --------------------------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("fedsparse::pruned_attention", mutates_args=())
+def _pruned_attention_op(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, attn_mask: Optional[Tensor],
+                         is_causal: bool, scale: float, with_conf: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (out [B, H, Sq, Dv] q.dtype, lse [B, H, Sq] float32 (backend-private), conf [B, H] float32)."""
+    if q.device.type == "cpu" and q.dtype in _CPU_FLASH_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype:
+        return _cpu_forward(q, k, v, keep, attn_mask, is_causal, scale, with_conf)
+    return _reference_forward(q, k, v, keep, attn_mask, is_causal, scale, with_conf)
+
+
+@_pruned_attention_op.register_fake
+def _(q, k, v, keep, attn_mask, is_causal, scale, with_conf):
+    b, h, sq, _ = q.shape
+    return (q.new_empty(b, h, sq, v.shape[3]), q.new_empty(b, h, sq, dtype=torch.float32),
+            q.new_empty(b, h, dtype=torch.float32))
+
+
+@torch.library.custom_op("fedsparse::pruned_attention_backward", mutates_args=())
+def _pruned_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                  keep: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
+                                  scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    if q.device.type == "cpu" and q.dtype in _CPU_FLASH_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype:
+        return _cpu_backward(grad_out, q, k, v, out, lse, keep, attn_mask, is_causal, scale)
+    return _reference_backward(grad_out, q, k, v, keep, attn_mask, is_causal, scale)
+
+
+@_pruned_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, keep, attn_mask, is_causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, keep, attn_mask, is_causal, scale, _ = inputs
+    out, lse, _ = output
+    ctx.save_for_backward(q, k, v, keep, attn_mask, out, lse)
+    ctx.is_causal, ctx.scale = is_causal, scale
+
+
+def _backward(ctx, grad_out, _grad_lse, _grad_conf):
+    q, k, v, keep, attn_mask, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        return (None,) * 8
+    dq, dk, dv = torch.ops.fedsparse.pruned_attention_backward(
+        grad_out, q, k, v, out, lse, keep, attn_mask, ctx.is_causal, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_pruned_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@_pruned_attention_op.register_kernel("cuda")
+def _(q, k, v, keep, attn_mask, is_causal, scale, with_conf):
+    return triton_forward(q, k, v, keep, attn_mask, is_causal, scale, with_conf)
+
+
+@_pruned_attention_backward_op.register_kernel("cuda")
+def _(grad_out, q, k, v, out, lse, keep, attn_mask, is_causal, scale):
+    return triton_backward(grad_out, q, k, v, out, lse, keep, attn_mask, is_causal, scale)
+
+
+# ------------------------------------------------------------------------------------------ shared helpers
+
+def _pairs(keep: Tensor):
+    """Kept (batch, head) pairs of keep [B, H], read on the host (no device sync when keep is on the CPU)."""
+    bi, hi = keep.cpu().nonzero(as_tuple=True)
+    return bi, hi
+
+
+def _fill_pruned(t: Tensor, keep: Tensor) -> None:
+    """Zero t[b, h] for every pruned pair of keep (t contiguous [B, H, ...]); one memset per pruned pair."""
+    b, h = keep.shape
+    pruned = (~keep.cpu()).reshape(-1).nonzero().squeeze(1).to(t.device)
+    if pruned.numel():
+        t.view(b * h, -1).index_fill_(0, pruned, 0)
+
+
+def _conf_from_pairs(maxp: Tensor, bi: Tensor, hi: Tensor, b: int, h: int, device) -> Tensor:
+    """[N, Sq] row max-probabilities (0 = row excluded) -> float32 [B, H] confidence (0 for pruned)."""
+    conf = torch.zeros(b, h, dtype=torch.float32, device=device)
+    if bi.numel():
+        conf[bi.to(device), hi.to(device)] = masked_mean(maxp, maxp != 0)
+    return conf
+
+
+# ------------------------------------------------------------------------------------------------ CPU path
+
+def _pair_bias(masks: Masks, bi: Tensor, hi: Tensor, b: int, h: int, sk: int, dtype) -> Tensor | None:
+    """The additive mask of each kept pair, [N, 1, Sq or 1, Sk] in the kernel's dtype (ATen's CPU flash kernel
+    wants the mask in the query's dtype)."""
+    if masks.kv is not None:
+        kv = masks.kv[bi]
+        return torch.zeros(bi.numel(), 1, 1, sk, dtype=dtype).masked_fill_(~kv[:, None, None, :], float("-inf"))
+    if masks.bias is not None:
+        bias = masks.bias
+        bias = bias.expand(b, h, bias.shape[2], sk)[bi, hi]
+        return bias.unsqueeze(1).to(dtype)
+    return None
+
+
+def _gather_cpu(q, k, v, bi, hi):
+    group = q.shape[1] // k.shape[1]
+    hk = hi // group if group > 1 else hi
+    return q[bi, hi].unsqueeze(1), k[bi, hk].unsqueeze(1), v[bi, hk].unsqueeze(1)
+
+
+def _cpu_forward(q, k, v, keep, attn_mask, is_causal, scale, with_conf):
+    b, h, sq, _ = q.shape
+    sk, dv = k.shape[2], v.shape[3]
+    out = torch.empty(b, h, sq, dv, dtype=q.dtype)
+    lse_full = torch.zeros(b, h, sq, dtype=torch.float32)
+    bi, hi = _pairs(keep)
+    n = bi.numel()
+    if n == 0 or sq == 0 or sk == 0:
+        out.zero_()
+        return out, lse_full, torch.zeros(b, h, dtype=torch.float32)
+    masks = split_mask(attn_mask, b, h, sq, sk)
+    qs, ks, vs = _gather_cpu(q, k, v, bi, hi)
+    bias = _pair_bias(masks, bi, hi, b, h, sk, q.dtype)
+    o, lse = _ATEN._scaled_dot_product_flash_attention_for_cpu(qs, ks, vs, 0.0, is_causal, attn_mask=bias,
+                                                               scale=scale)
+    qv = masks.qv[bi] if masks.qv is not None else None
+    if qv is not None:
+        o = o * qv[:, None, :, None].to(o.dtype)
+    flat = bi * h + hi
+    _fill_pruned(out, keep)
+    out.view(b * h, -1).index_copy_(0, flat, o.reshape(n, -1))
+    lse_full.view(b * h, -1).index_copy_(0, flat, lse.reshape(n, -1))
+    if not with_conf:
+        return out, lse_full, torch.zeros(b, h, dtype=torch.float32)
+    m = _row_max_cpu(qs[:, 0], ks[:, 0], bias, is_causal, scale)  # [N, Sq] float32
+    lse = lse.reshape(n, sq)
+    valid = m != float("-inf")
+    if qv is not None:
+        valid &= qv
+    maxp = torch.where(valid, torch.exp(m - lse), torch.zeros_like(m))
+    return out, lse_full, _conf_from_pairs(maxp, bi, hi, b, h, q.device)
+
+
+def _row_max_cpu(qs: Tensor, ks: Tensor, bias: Tensor | None, is_causal: bool, scale: float) -> Tensor:
+    """max_j of the masked, scaled logits of each row: qs [N, Sq, D], ks [N, Sk, D] -> float32 [N, Sq]."""
+    from . import _native
+    if _native.available():
+        return _native.row_max(qs, ks, bias, is_causal, scale)
+    return _row_stats_torch(qs, ks, bias, is_causal, scale, want_sum=False)[0]
+
+
+def _row_stats_torch(qs, ks, bias, is_causal, scale, want_sum):
+    """Chunked torch fallback: row max (and sum of exp(l - max)) with at most ~4M logits alive at a time."""
+    n, sq, _ = qs.shape
+    sk = ks.shape[1]
+    m_all = torch.empty(n, sq, dtype=torch.float32)
+    s_all = torch.empty(n, sq, dtype=torch.float32) if want_sum else None
+    rows = max(1, (1 << 22) // max(1, sk))
+    causal = torch.ones(sq, sk, dtype=torch.bool).tril() if is_causal else None
+    for p0 in range(0, n, max(1, rows // max(1, sq))):
+        p1 = min(n, p0 + max(1, rows // max(1, sq)))
+        for r0 in range(0, sq, min(sq, rows)):
+            r1 = min(sq, r0 + rows)
+            lg = torch.bmm(qs[p0:p1, r0:r1].float(), ks[p0:p1].float().transpose(1, 2)).mul_(scale)
+            if bias is not None:
+                bb = bias[p0:p1, 0]
+                lg += bb[:, r0:r1] if bb.shape[1] != 1 else bb
+            if causal is not None:
+                lg.masked_fill_(~causal[r0:r1], float("-inf"))
+            m = lg.amax(-1)
+            m_all[p0:p1, r0:r1] = m
+            if want_sum:
+                ms = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+                s_all[p0:p1, r0:r1] = lg.sub_(ms.unsqueeze(-1)).exp_().sum(-1)
+    return m_all, s_all
+
+
+def _cpu_backward(grad_out, q, k, v, out, lse_full, keep, attn_mask, is_causal, scale):
+    b, h, sq, d = q.shape
+    hk, sk = k.shape[1], k.shape[2]
+    group = h // hk
+    dq = torch.empty(b, h, sq, d, dtype=q.dtype)
+    dk = torch.empty(b, hk, sk, d, dtype=k.dtype) if group == 1 else torch.zeros(b, hk, sk, d, dtype=k.dtype)
+    dv = torch.empty(b, hk, sk, v.shape[3], dtype=v.dtype) if group == 1 else torch.zeros_like(
+        v, memory_format=torch.contiguous_format)
+    bi, hi = _pairs(keep)
+    n = bi.numel()
+    if n == 0 or sq == 0 or sk == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    masks = split_mask(attn_mask, b, h, sq, sk)
+    qs, ks, vs = _gather_cpu(q, k, v, bi, hi)
+    bias = _pair_bias(masks, bi, hi, b, h, sk, q.dtype)
+    go = grad_out[bi, hi].unsqueeze(1)
+    if go.dtype != q.dtype:
+        go = go.to(q.dtype)
+    if masks.qv is not None:
+        go = go * masks.qv[bi][:, None, :, None].to(go.dtype)
+    o = out[bi, hi].unsqueeze(1)
+    lse = lse_full[bi, hi].unsqueeze(1)
+    gq, gk, gv = _ATEN._scaled_dot_product_flash_attention_for_cpu_backward(
+        go, qs, ks, vs, o, lse, 0.0, is_causal, attn_mask=bias, scale=scale)
+    flat = bi * h + hi
+    _fill_pruned(dq, keep)
+    dq.view(b * h, -1).index_copy_(0, flat, gq.reshape(n, -1))
+    if group == 1:
+        for full, part in ((dk, gk), (dv, gv)):
+            _fill_pruned(full, keep)
+            full.view(b * h, -1).index_copy_(0, flat, part.reshape(n, -1))
+    else:
+        flat_kv = bi * hk + hi // group
+        dk.view(b * hk, -1).index_add_(0, flat_kv, gk.reshape(n, -1))
+        dv.view(b * hk, -1).index_add_(0, flat_kv, gv.reshape(n, -1))
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------------ reference path
+
+def _reference_forward(q, k, v, keep, attn_mask, is_causal, scale, with_conf):
+    with torch.no_grad():
+        out, conf = reference.pruned_attention(q, k, v, keep, attn_mask=attn_mask, is_causal=is_causal,
+                                               scale=scale, return_confidence=True)
+    b, h, sq, _ = q.shape
+    if not with_conf:
+        conf = torch.zeros_like(conf)
+    return out, torch.zeros(b, h, sq, dtype=torch.float32, device=q.device), conf
+
+
+def _reference_backward(grad_out, q, k, v, keep, attn_mask, is_causal, scale):
+    with torch.enable_grad():
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        out = reference.pruned_attention(qq, kk, vv, keep, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+        return torch.autograd.grad(out, (qq, kk, vv), grad_out)
+
+
+# ---------------------------------------------------------------------------------------------- Triton path
+
+def _triton_masks(masks: Masks, device):
+    kv = masks.kv.to(device=device, dtype=torch.int8) if masks.kv is not None else None
+    qv = masks.qv.to(device=device, dtype=torch.int8) if masks.qv is not None else None
+    bias = masks.bias.to(device) if masks.bias is not None else None
+    return kv, qv, bias
+
+
+def triton_forward(q, k, v, keep, attn_mask, is_causal, scale, with_conf, block_m=None, block_n=None):
+    """The Triton forward (any device Triton runs on; the CPU only under TRITON_INTERPRET=1)."""
+    from fedsparse.kernels import attention as kern
+    b, h, sq, _ = q.shape
+    sk = k.shape[2]
+    bi, hi = _pairs(keep)
+    out = torch.zeros(b, h, sq, v.shape[3], dtype=q.dtype, device=q.device)
+    lse_full = torch.zeros(b, h, sq, dtype=torch.float32, device=q.device)
+    if bi.numel() == 0:
+        return out, lse_full, torch.zeros(b, h, dtype=torch.float32, device=q.device)
+    kv, qv, bias = _triton_masks(split_mask(attn_mask, b, h, sq, sk), q.device)
+    pb = bi.to(device=q.device, dtype=torch.int32, non_blocking=True)
+    ph = hi.to(device=q.device, dtype=torch.int32, non_blocking=True)
+    lse, maxp = kern.forward(q, k, v, out, pb, ph, kv=kv, qv=qv, bias=bias, causal=is_causal, scale=scale,
+                             block_m=block_m, block_n=block_n)
+    lse_full[pb.long(), ph.long()] = lse
+    conf = _conf_from_pairs(maxp, bi, hi, b, h, q.device) if with_conf else torch.zeros(
+        b, h, dtype=torch.float32, device=q.device)
+    return out, lse_full, conf
+
+
+def triton_backward(grad_out, q, k, v, out, lse_full, keep, attn_mask, is_causal, scale, block_m=None,
+                    block_n=None):
+    """The Triton backward: (dq, dk, dv), zeros for pruned heads."""
+    from fedsparse.kernels import attention as kern
+    b, h, sq, d = q.shape
+    hk, sk = k.shape[1], k.shape[2]
+    group = h // hk
+    dq = torch.zeros(b, h, sq, d, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(b, hk, sk, d, dtype=k.dtype, device=q.device)
+    dv = torch.zeros(b, hk, sk, v.shape[3], dtype=v.dtype, device=q.device)
+    bi, hi = _pairs(keep)
+    n = bi.numel()
+    if n == 0:
+        return dq, dk, dv
+    kv, qv, bias = _triton_masks(split_mask(attn_mask, b, h, sq, sk), q.device)
+    pb = bi.to(device=q.device, dtype=torch.int32, non_blocking=True)
+    ph = hi.to(device=q.device, dtype=torch.int32, non_blocking=True)
+    lse = lse_full[pb.long(), ph.long()].contiguous()
+    if group == 1:
+        kern.backward(grad_out, q, k, v, out, lse, dq, dk, dv, pb, ph, kv=kv, qv=qv, bias=bias,
+                      causal=is_causal, scale=scale, block_m=block_m, block_n=block_n)
+    else:
+        dkc = torch.empty(n, sk, d, dtype=torch.float32, device=q.device)
+        dvc = torch.empty(n, sk, v.shape[3], dtype=torch.float32, device=q.device)
+        kern.backward(grad_out, q, k, v, out, lse, dq, dkc, dvc, pb, ph, compact_kv=True, kv=kv, qv=qv,
+                      bias=bias, causal=is_causal, scale=scale, block_m=block_m, block_n=block_n)
+        idx = (pb.long(), ph.long() // group)
+        dk = dk.float().index_put_(idx, dkc, accumulate=True).to(k.dtype)
+        dv = dv.float().index_put_(idx, dvc, accumulate=True).to(v.dtype)
+    return dq, dk, dv

@@ -54,14 +54,19 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor | None = None) -> None:
         raise ValueError(f"v {tuple(v.shape)} does not fit k {tuple(k.shape)}")
 
 
-def _masked_logits(q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float | None):
-    """float32 logits [B, H, Sq, Sk] with -inf where masked, and the bool [B, H, Sq] valid-query mask."""
+def _masked_logits(q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float | None,
+                   keep: Tensor | None = None):
+    """float32 logits [B, H, Sq, Sk] with -inf where masked, and the bool [B, H, Sq] valid-query mask.
+    Heads where keep [B, H] is False read zeros instead of q and k."""
     b, h, sq, d = q.shape
     sk = k.shape[2]
-    kf = k.float()
+    qf, kf = q.float(), k.float()
     if k.shape[1] != h:
         kf = kf.repeat_interleave(h // k.shape[1], dim=1)
-    logits = (q.float() @ kf.transpose(-1, -2)) * default_scale(d, scale)
+    if keep is not None:
+        qf = torch.where(keep[:, :, None, None], qf, torch.zeros_like(qf))
+        kf = torch.where(keep[:, :, None, None], kf, torch.zeros_like(kf))
+    logits = (qf @ kf.transpose(-1, -2)) * default_scale(d, scale)
     allowed = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
     qvalid = torch.ones(b, 1, sq, dtype=torch.bool, device=q.device)
     if is_causal:
@@ -109,7 +114,7 @@ def pruned_attention(q: Tensor, k: Tensor, v: Tensor, head_mask: Tensor, *, attn
     check_qkv(q, k, v)
     b, h = q.shape[:2]
     keep = expand_head_mask(head_mask, b, h).to(q.device)
-    logits, qvalid = _masked_logits(q, k, attn_mask, is_causal, scale)
+    logits, qvalid = _masked_logits(q, k, attn_mask, is_causal, scale, keep)
     m = _row_stats(logits, qvalid)
     e = torch.exp(logits - m)
     den = e.sum(-1, keepdim=True)
@@ -117,6 +122,9 @@ def pruned_attention(q: Tensor, k: Tensor, v: Tensor, head_mask: Tensor, *, attn
     vf = v.float()
     if v.shape[1] != h:
         vf = vf.repeat_interleave(h // v.shape[1], dim=1)
+    # A pruned head is never read: its output and gradients are exact zeros even if its inputs hold NaN.
+    p = torch.where(keep[:, :, None, None], p, torch.zeros_like(p))
+    vf = torch.where(keep[:, :, None, None], vf, torch.zeros_like(vf))
     out = p @ vf
     out = torch.where(keep[:, :, None, None], out, torch.zeros_like(out)).to(q.dtype)
     if not return_confidence:
