@@ -7,6 +7,7 @@ namespace py = pybind11;
 void init_quant(py::module_& m);
 void init_wire(py::module_& m);
 void init_aggregate(py::module_& m);
+void init_attention(py::module_& m);
 #ifdef FEDSPARSE_WITH_CUDA
 void init_cuda(py::module_& m);
 #endif
@@ -39,6 +40,7 @@ PYBIND11_MODULE(_C, m) {
   init_quant(m);
   init_wire(m);
   init_aggregate(m);
+  init_attention(m);
 #ifdef FEDSPARSE_WITH_CUDA
   init_cuda(m);
 #endif

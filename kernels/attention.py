@@ -101,8 +101,9 @@ def _fwd_kernel(Q, K, V, O, LSE, MAXP, PB, PH,
                         mask=(offs_n[:, None] < Sk) & (offs_dv[None, :] < DV), other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
-    # != rather than >: a NaN row max stays "valid", so NaN inputs propagate to out, lse and maxp.
-    ok = (m_i != float("-inf")) & (offs_m < Sq)
+    # Triton's max drops NaN (on GPUs and in the interpreter), but the sum of exponentials keeps it: a row
+    # whose logits hold NaN stays "valid", so NaN inputs propagate to out, lse and maxp.
+    ok = ((m_i != float("-inf")) | (l_i != l_i)) & (offs_m < Sq)
     l_safe = tl.where(ok, l_i, 1.0)
     lse = tl.where(ok, m_i + tl.log(l_safe), float("inf"))
     tl.store(LSE + n * Sq + offs_m, lse, mask=offs_m < Sq)
