@@ -6,6 +6,7 @@ wrong in the interpreter), small blocks where a test wants several blocks per ro
 """
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -13,6 +14,8 @@ import torch
 
 from fedsparse.ops import pruned_attention, reference
 from fedsparse.ops.pruned_attention import triton_backward, triton_forward
+
+pa_module = importlib.import_module("fedsparse.ops.pruned_attention")  # the package attribute is the function
 
 TOL = {  # dtype: (atol, rtol) for outputs; gradients get 4x
     torch.float32: (2e-5, 1e-5),
@@ -100,9 +103,17 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["eager", "op"])
+def cpu_path(request, monkeypatch):
+    """Eager CPU calls take an autograd.Function; "op" forces the registered custom op (what torch.compile
+    traces), eagerly."""
+    monkeypatch.setattr(pa_module, "_EAGER_CPU", request.param == "eager")
+    return request.param
+
+
 @pytest.mark.parametrize("b,h,hk,sq,sk,d,mask,causal,hmk", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_cpu_matches_reference(b, h, hk, sq, sk, d, mask, causal, hmk, dtype):
+def test_cpu_matches_reference(b, h, hk, sq, sk, d, mask, causal, hmk, dtype, cpu_path):
     q, k, v, go, g = make(b, h, hk, sq, sk, d, dtype=dtype)
     am = make_mask(mask, b, h, sq, sk, g)
     hm = make_head_mask(hmk, b, h, g)
@@ -116,7 +127,7 @@ def test_cpu_matches_reference(b, h, hk, sq, sk, d, mask, causal, hmk, dtype):
         assert_close(a, r, dtype, grad=True, what=f"d{name}")
 
 
-def test_cpu_bfloat16_and_float64():
+def test_cpu_bfloat16_and_float64(cpu_path):
     for dtype in (torch.bfloat16, torch.float64):
         q, k, v, go, g = make(2, 4, 2, 17, 17, 16, dtype=dtype)
         hm = make_head_mask("BH", 2, 4, g)
@@ -191,7 +202,7 @@ def test_matches_torch_sdpa_on_kept_heads():
     torch.testing.assert_close(out[:, 1:3], want[:, 1:3], atol=2e-5, rtol=1e-5)
 
 
-def test_all_pruned_is_zero_and_cheap():
+def test_all_pruned_is_zero_and_cheap(cpu_path):
     q, k, v, go, g = make(2, 4, 4, 7, 7, 16)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     out, conf = pruned_attention(q, k, v, torch.zeros(4, dtype=torch.bool), return_confidence=True)
@@ -201,7 +212,7 @@ def test_all_pruned_is_zero_and_cheap():
 
 
 @pytest.mark.parametrize("path", ["cpu", "triton"])
-def test_nan_policy(path):
+def test_nan_policy(path, cpu_path):
     """Pruned heads are never read; NaN in a kept head propagates to that head only; empty rows give 0."""
     q, k, v, go, g = make(2, 4, 4, 8, 8, 16)
     q[:, 1] = float("nan")  # head 1 pruned: must not leak

@@ -22,6 +22,7 @@ has both in registers; on CPU the row max comes from the native kernel ``fedspar
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -54,10 +55,23 @@ def pruned_attention(q: Tensor, k: Tensor, v: Tensor, head_mask: Tensor, *, attn
     _common.check_qkv(q, k, v)
     b, h = q.shape[:2]
     keep = _common.check_head_mask(head_mask, b, h)
+    scale = _common.default_scale(q.shape[-1], scale)
+    if _eager_cpu_ok(q, k, v):
+        out, conf = _EagerCpu.apply(q, k, v, keep, attn_mask, bool(is_causal), scale, bool(return_confidence))
+        return (out, conf) if return_confidence else out
     out, _, conf = torch.ops.fedsparse.pruned_attention(
-        q, k, v, keep, attn_mask, bool(is_causal), _common.default_scale(q.shape[-1], scale),
-        bool(return_confidence))
+        q, k, v, keep, attn_mask, bool(is_causal), scale, bool(return_confidence))
     return (out, conf) if return_confidence else out
+
+
+def _eager_cpu_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Eager CPU calls skip the custom-op dispatcher (see _EagerCpu); traced ones (torch.compile, export) and
+    fake tensors go through the registered op."""
+    return (q.device.type == "cpu" and q.dtype in _CPU_FLASH_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+            and not torch.compiler.is_compiling() and _EAGER_CPU)
+
+
+_EAGER_CPU = True  # tests switch it off to run the op path eagerly
 
 
 # --------------------------------------------------------------------------------------------- custom ops
@@ -163,51 +177,154 @@ def _pair_bias(masks: Masks, bi: Tensor, hi: Tensor, b: int, h: int, sk: int, dt
     return None
 
 
-def _gather_cpu(q, k, v, bi, hi):
-    group = q.shape[1] // k.shape[1]
-    hk = hi // group if group > 1 else hi
-    return q[bi, hi].unsqueeze(1), k[bi, hk].unsqueeze(1), v[bi, hk].unsqueeze(1)
+@dataclass
+class _CpuPlan:
+    """One call's kept pairs, gathered once: what the CPU forward computes on and the eager backward reuses.
+
+    all_kept: the caller's tensors are used as they are (no gather, no scatter). Otherwise q, k, v, bias, qv,
+    o and lse hold the N kept pairs as a batch of N single-head problems ([N, 1, S, D]).
+    """
+    b: int
+    h: int
+    hk: int
+    sq: int
+    sk: int
+    bi: Tensor
+    hi: Tensor
+    all_kept: bool
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    bias: Tensor | None
+    qv: Tensor | None
+    o: Tensor | None = None
+    lse: Tensor | None = None
 
 
-def _cpu_forward(q, k, v, keep, attn_mask, is_causal, scale, with_conf):
+def _cpu_plan(q, k, v, keep, attn_mask) -> _CpuPlan | None:
+    """None when there is nothing to compute (no kept pair, or an empty sequence)."""
     b, h, sq, _ = q.shape
-    sk, dv = k.shape[2], v.shape[3]
-    group = h // k.shape[1]
+    hk, sk = k.shape[1], k.shape[2]
     bi, hi = _pairs(keep)
     n = bi.numel()
     if n == 0 or sq == 0 or sk == 0:
-        return (torch.zeros(b, h, sq, dv, dtype=q.dtype), torch.zeros(b, h, sq, dtype=torch.float32),
-                torch.zeros(b, h, dtype=torch.float32))
+        return None
     masks = split_mask(attn_mask, b, h, sq, sk)
-    if n == b * h and group == 1:
-        # Nothing pruned: ATen's kernel straight on the caller's tensors, no gather, no scatter.
-        bias = _full_bias(masks, b, sk, q.dtype)
-        out, lse = _ATEN._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, attn_mask=bias,
-                                                                     scale=scale)
-        qv = masks.qv
-        if qv is not None:
-            out = out * qv[:, None, :, None].to(out.dtype)
-        if not with_conf:
-            return out, lse, torch.zeros(b, h, dtype=torch.float32)
-        m = _row_max_cpu(q.reshape(b * h, sq, -1), k.reshape(b * h, sk, -1),
-                         None if bias is None else bias.expand(b, h, bias.shape[2], sk).reshape(b * h, 1, -1, sk),
-                         is_causal, scale).view(b, h, sq)
-        return out, lse, _confidence(m, lse, None if qv is None else qv[:, None, :]).view(b, h)
-    qs, ks, vs = _gather_cpu(q, k, v, bi, hi)
-    bias = _pair_bias(masks, bi, hi, b, h, sk, q.dtype)
-    o, lse = _ATEN._scaled_dot_product_flash_attention_for_cpu(qs, ks, vs, 0.0, is_causal, attn_mask=bias,
+    if n == b * h and hk == h:
+        return _CpuPlan(b, h, hk, sq, sk, bi, hi, True, q, k, v, _full_bias(masks, b, sk, q.dtype), masks.qv)
+    group = h // hk
+    hkv = hi // group if group > 1 else hi
+    return _CpuPlan(b, h, hk, sq, sk, bi, hi, False, q[bi, hi].unsqueeze(1), k[bi, hkv].unsqueeze(1),
+                    v[bi, hkv].unsqueeze(1), _pair_bias(masks, bi, hi, b, h, sk, q.dtype),
+                    masks.qv[bi] if masks.qv is not None else None)
+
+
+def _cpu_forward_plan(p: _CpuPlan, is_causal: bool, scale: float, with_conf: bool):
+    """-> (out [B, H, Sq, Dv], lse [B, H, Sq], conf [B, H]); sets p.o, p.lse (compact) for the backward."""
+    o, lse = _ATEN._scaled_dot_product_flash_attention_for_cpu(p.q, p.k, p.v, 0.0, is_causal, attn_mask=p.bias,
                                                                scale=scale)
-    qv = masks.qv[bi] if masks.qv is not None else None
-    if qv is not None:
-        o = o * qv[:, None, :, None].to(o.dtype)
-    flat = bi * h + hi
-    out = _scatter_pairs(torch.empty(b, h, sq, dv, dtype=q.dtype), flat, o)
-    lse_full = _scatter_pairs(torch.empty(b, h, sq, dtype=torch.float32), flat, lse)
-    conf = torch.zeros(b, h, dtype=torch.float32)
+    if p.qv is not None:  # padded queries output zeros (the kernel gave them the valid keys' average)
+        o = o * p.qv[:, None, :, None].to(o.dtype)
+    p.o, p.lse = o, lse
+    conf = torch.zeros(p.b, p.h, dtype=torch.float32)
+    if p.all_kept:
+        out, lse_full = o, lse
+        if with_conf:
+            bias = p.bias
+            if bias is not None:
+                bias = bias.expand(p.b, p.h, bias.shape[2], p.sk).reshape(p.b * p.h, 1, -1, p.sk)
+            m = _row_max_cpu(p.q.reshape(p.b * p.h, p.sq, -1), p.k.reshape(p.b * p.h, p.sk, -1), bias,
+                             is_causal, scale).view(p.b, p.h, p.sq)
+            conf = _confidence(m, lse, None if p.qv is None else p.qv[:, None, :])
+        return out, lse_full, conf
+    n = p.bi.numel()
+    flat = p.bi * p.h + p.hi
+    out = _scatter_pairs(torch.empty(p.b, p.h, p.sq, o.shape[-1], dtype=o.dtype), flat, o)
+    lse_full = _scatter_pairs(torch.empty(p.b, p.h, p.sq, dtype=torch.float32), flat, lse)
     if with_conf:
-        m = _row_max_cpu(qs[:, 0], ks[:, 0], bias, is_causal, scale)  # [N, Sq] float32
-        conf[bi, hi] = _confidence(m, lse.reshape(n, sq), qv)
+        m = _row_max_cpu(p.q[:, 0], p.k[:, 0], p.bias, is_causal, scale)  # [N, Sq] float32
+        conf[p.bi, p.hi] = _confidence(m, lse.reshape(n, p.sq), p.qv)
     return out, lse_full, conf
+
+
+def _cpu_backward_plan(p: _CpuPlan, grad_out: Tensor, is_causal: bool, scale: float):
+    go = grad_out if grad_out.dtype == p.q.dtype else grad_out.to(p.q.dtype)
+    if not p.all_kept:
+        go = go[p.bi, p.hi].unsqueeze(1)
+    if p.qv is not None:
+        go = go * p.qv[:, None, :, None].to(go.dtype)
+    gq, gk, gv = _ATEN._scaled_dot_product_flash_attention_for_cpu_backward(
+        go, p.q, p.k, p.v, p.o, p.lse, 0.0, is_causal, attn_mask=p.bias, scale=scale)
+    if p.all_kept:
+        return gq, gk, gv
+    b, h, hk, sq, sk = p.b, p.h, p.hk, p.sq, p.sk
+    n, d, dv = p.bi.numel(), gq.shape[-1], gv.shape[-1]
+    flat = p.bi * h + p.hi
+    dq = _scatter_pairs(torch.empty(b, h, sq, d, dtype=gq.dtype), flat, gq)
+    if hk == h:
+        dk = _scatter_pairs(torch.empty(b, h, sk, d, dtype=gk.dtype), flat, gk)
+        dv_ = _scatter_pairs(torch.empty(b, h, sk, dv, dtype=gv.dtype), flat, gv)
+    else:  # several kept query heads share a key/value head: sum their gradients
+        flat_kv = p.bi * hk + p.hi // (h // hk)
+        dk = torch.zeros(b, hk, sk, d, dtype=gk.dtype)
+        dv_ = torch.zeros(b, hk, sk, dv, dtype=gv.dtype)
+        dk.view(b * hk, -1).index_add_(0, flat_kv, gk.reshape(n, -1))
+        dv_.view(b * hk, -1).index_add_(0, flat_kv, gv.reshape(n, -1))
+    return dq, dk, dv_
+
+
+def _cpu_forward(q, k, v, keep, attn_mask, is_causal, scale, with_conf):
+    p = _cpu_plan(q, k, v, keep, attn_mask)
+    if p is None:
+        b, h, sq, _ = q.shape
+        return (torch.zeros(b, h, sq, v.shape[3], dtype=q.dtype), torch.zeros(b, h, sq, dtype=torch.float32),
+                torch.zeros(b, h, dtype=torch.float32))
+    return _cpu_forward_plan(p, is_causal, scale, with_conf)
+
+
+def _cpu_backward(grad_out, q, k, v, out, lse_full, keep, attn_mask, is_causal, scale):
+    p = _cpu_plan(q, k, v, keep, attn_mask)
+    if p is None:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if p.all_kept:
+        p.o, p.lse = out, lse_full
+    else:
+        p.o, p.lse = out[p.bi, p.hi].unsqueeze(1), lse_full[p.bi, p.hi].unsqueeze(1)
+    return _cpu_backward_plan(p, grad_out, is_causal, scale)
+
+
+class _EagerCpu(torch.autograd.Function):
+    """The CPU path without the custom-op dispatcher, for eager mode: the plan (kept pairs gathered once) is
+    kept from forward to backward, so the backward gathers only grad_out, and only the kept pairs' q, k, v
+    (1/10 of them at 90% pruning) stay alive between the passes. Same kernels and results as the op."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, keep, attn_mask, is_causal, scale, with_conf):
+        p = _cpu_plan(q, k, v, keep, attn_mask)
+        ctx.plan, ctx.is_causal, ctx.scale = None, is_causal, scale
+        ctx.shapes = (q.shape, k.shape, v.shape)
+        if p is None:
+            b, h, sq, _ = q.shape
+            ctx.mark_non_differentiable(conf := torch.zeros(b, h, dtype=torch.float32))
+            return torch.zeros(b, h, sq, v.shape[3], dtype=q.dtype), conf
+        out, _, conf = _cpu_forward_plan(p, is_causal, scale, with_conf)
+        ctx.mark_non_differentiable(conf)
+        # Tensors go through save_for_backward (version checks, no reference cycle through out).
+        ctx.save_for_backward(p.q, p.k, p.v, p.o, p.lse, p.bias, p.qv)
+        p.q = p.k = p.v = p.o = p.lse = p.bias = p.qv = None
+        ctx.plan = p
+        return out, conf
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_conf):
+        p = ctx.plan
+        if p is None:  # nothing was kept: zero gradients
+            (sq, sk, sv), dt = ctx.shapes, grad_out.dtype
+            return (torch.zeros(sq, dtype=dt), torch.zeros(sk, dtype=dt), torch.zeros(sv, dtype=dt),
+                    None, None, None, None, None)
+        p.q, p.k, p.v, p.o, p.lse, p.bias, p.qv = ctx.saved_tensors
+        dq, dk, dv = _cpu_backward_plan(p, grad_out, ctx.is_causal, ctx.scale)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _full_bias(masks: Masks, b: int, sk: int, dtype) -> Tensor | None:
@@ -259,43 +376,6 @@ def _row_stats_torch(qs, ks, bias, is_causal, scale, want_sum):
                 ms = torch.where(m == float("-inf"), torch.zeros_like(m), m)
                 s_all[p0:p1, r0:r1] = lg.sub_(ms.unsqueeze(-1)).exp_().sum(-1)
     return m_all, s_all
-
-
-def _cpu_backward(grad_out, q, k, v, out, lse_full, keep, attn_mask, is_causal, scale):
-    b, h, sq, d = q.shape
-    hk, sk = k.shape[1], k.shape[2]
-    group = h // hk
-    bi, hi = _pairs(keep)
-    n = bi.numel()
-    if n == 0 or sq == 0 or sk == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    masks = split_mask(attn_mask, b, h, sq, sk)
-    go = grad_out if grad_out.dtype == q.dtype else grad_out.to(q.dtype)
-    if n == b * h and group == 1:
-        if masks.qv is not None:
-            go = go * masks.qv[:, None, :, None].to(go.dtype)
-        return _ATEN._scaled_dot_product_flash_attention_for_cpu_backward(
-            go, q, k, v, out, lse_full, 0.0, is_causal, attn_mask=_full_bias(masks, b, sk, q.dtype), scale=scale)
-    qs, ks, vs = _gather_cpu(q, k, v, bi, hi)
-    bias = _pair_bias(masks, bi, hi, b, h, sk, q.dtype)
-    go = go[bi, hi].unsqueeze(1)
-    if masks.qv is not None:
-        go = go * masks.qv[bi][:, None, :, None].to(go.dtype)
-    gq, gk, gv = _ATEN._scaled_dot_product_flash_attention_for_cpu_backward(
-        go, qs, ks, vs, out[bi, hi].unsqueeze(1), lse_full[bi, hi].unsqueeze(1), 0.0, is_causal,
-        attn_mask=bias, scale=scale)
-    flat = bi * h + hi
-    dq = _scatter_pairs(torch.empty(b, h, sq, d, dtype=q.dtype), flat, gq)
-    if group == 1:
-        dk = _scatter_pairs(torch.empty(b, hk, sk, d, dtype=k.dtype), flat, gk)
-        dv = _scatter_pairs(torch.empty(b, hk, sk, v.shape[3], dtype=v.dtype), flat, gv)
-    else:  # several kept query heads share a key/value head: sum their gradients
-        flat_kv = bi * hk + hi // group
-        dk = torch.zeros(b, hk, sk, d, dtype=k.dtype)
-        dv = torch.zeros(b, hk, sk, v.shape[3], dtype=v.dtype)
-        dk.view(b * hk, -1).index_add_(0, flat_kv, gk.reshape(n, -1))
-        dv.view(b * hk, -1).index_add_(0, flat_kv, gv.reshape(n, -1))
-    return dq, dk, dv
 
 
 # ------------------------------------------------------------------------------------------ reference path
