@@ -6,6 +6,7 @@ namespace py = pybind11;
 
 void init_quant(py::module_& m);
 void init_wire(py::module_& m);
+void init_crc32(py::module_& m);
 void init_aggregate(py::module_& m);
 void init_attention(py::module_& m);
 #ifdef FEDSPARSE_WITH_CUDA
@@ -39,6 +40,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info, "Compile-time facts: OpenMP, CUDA, AVX2 at run time, compiler.");
   init_quant(m);
   init_wire(m);
+  init_crc32(m);
   init_aggregate(m);
   init_attention(m);
 #ifdef FEDSPARSE_WITH_CUDA

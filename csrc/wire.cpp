@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common.h"
+#include "crc32.h"
 
 namespace py = pybind11;
 
@@ -23,31 +24,6 @@ constexpr int64_t kMaxMetaBytes = 1 << 20, kMinGroup = 16, kMaxGroup = 1 << 16;
 struct ParseError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
-
-uint32_t crc32(const uint8_t* p, int64_t n) {
-  static uint32_t table[8][256];
-  static const bool ready = [] {
-    for (uint32_t i = 0; i < 256; ++i) {
-      uint32_t c = i;
-      for (int k = 0; k < 8; ++k) c = c & 1 ? 0xedb88320u ^ (c >> 1) : c >> 1;
-      table[0][i] = c;
-    }
-    for (uint32_t i = 0; i < 256; ++i)
-      for (int t = 1; t < 8; ++t) table[t][i] = (table[t - 1][i] >> 8) ^ table[0][table[t - 1][i] & 0xff];
-    return true;
-  }();
-  (void)ready;
-  uint32_t c = 0xffffffffu;
-  while (n >= 8) {  // slicing-by-8
-    const uint32_t a = load_u32le(p) ^ c, b = load_u32le(p + 4);
-    c = table[7][a & 0xff] ^ table[6][(a >> 8) & 0xff] ^ table[5][(a >> 16) & 0xff] ^ table[4][a >> 24] ^
-        table[3][b & 0xff] ^ table[2][(b >> 8) & 0xff] ^ table[1][(b >> 16) & 0xff] ^ table[0][b >> 24];
-    p += 8;
-    n -= 8;
-  }
-  while (n-- > 0) c = table[0][(c ^ *p++) & 0xff] ^ (c >> 8);
-  return c ^ 0xffffffffu;
-}
 
 struct Reader {
   const uint8_t* buf;
@@ -235,11 +211,4 @@ void init_wire(py::module_& m) {
   m.def("parse_payload", &fedsparse::parse, py::arg("payload"), py::arg("max_elements"),
         "Validate a payload and return (version, group_size, meta_offset, meta_len, entries); raises "
         "ValueError on anything malformed.");
-  m.def(
-      "crc32",
-      [](const py::buffer& b) {
-        py::buffer_info info = b.request();
-        return fedsparse::crc32(static_cast<const uint8_t*>(info.ptr), int64_t(info.size * info.itemsize));
-      },
-      "CRC-32 (zlib's polynomial) of a buffer.");
 }

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _backend
 from .errors import PayloadError
 from .quant import ALL_BITS, code_bytes, num_groups
 from .sparsity import KIND_DENSE, KIND_ELEMENTS, KIND_HEAD_COLS, KIND_HEAD_ROWS, matrix_view
@@ -122,7 +123,8 @@ def new_payload(group_size: int, meta_json: bytes, table: list[bytes], data_nbyt
 
 def seal_payload(out: np.ndarray) -> bytes:
     """Write the CRC of everything before it into the last 4 bytes; return the payload."""
-    out[-CRC_SIZE:] = np.frombuffer(struct.pack("<I", zlib.crc32(out[:-CRC_SIZE])), np.uint8)
+    crc32 = _backend.native.crc32 if _backend.native is not None else zlib.crc32  # same value, faster
+    out[-CRC_SIZE:] = np.frombuffer(struct.pack("<I", crc32(out[:-CRC_SIZE])), np.uint8)
     return out.tobytes()
 
 

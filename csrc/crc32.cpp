@@ -1,0 +1,160 @@
+// CRC-32 (zlib's): PCLMULQDQ folding of 64-byte blocks (Gopal et al., "Fast CRC Computation for Generic
+// Polynomials Using PCLMULQDQ", Intel 2009; the bit-reflected constants are the paper's), then Barrett
+// reduction; slicing-by-8 for CPUs without it and for the tail. The table version runs ~2 GB/s here, which
+// made the CRC half of the server's parse time; folding runs at memory speed.
+#include "crc32.h"
+
+#include <pybind11/pybind11.h>
+
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define FS_HAVE_CLMUL 1
+#endif
+
+namespace py = pybind11;
+
+namespace fedsparse {
+namespace {
+
+struct Tables {
+  uint32_t t[8][256];
+  Tables() {
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = c & 1 ? 0xedb88320u ^ (c >> 1) : c >> 1;
+      t[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; ++i)
+      for (int s = 1; s < 8; ++s) t[s][i] = (t[s - 1][i] >> 8) ^ t[0][t[s - 1][i] & 0xff];
+  }
+};
+const Tables kTables;
+
+inline uint32_t load32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;  // little-endian host (checked in quant.cpp)
+}
+
+#ifdef FS_HAVE_CLMUL
+// Folds len bytes (len >= 64, a multiple of 16) into the running crc; crc is in the inverted domain.
+__attribute__((target("pclmul,sse4.1"))) uint32_t crc32_clmul(uint32_t crc, const uint8_t* buf, int64_t len) {
+  alignas(16) static const uint64_t k1k2[] = {0x0154442bd4, 0x01c6e41596};
+  alignas(16) static const uint64_t k3k4[] = {0x01751997d0, 0x00ccaa009e};
+  alignas(16) static const uint64_t k5k0[] = {0x0163cd6124, 0x0000000000};
+  alignas(16) static const uint64_t poly[] = {0x01db710641, 0x01f7011641};
+  __m128i x0, x1, x2, x3, x4, x5, x6, x7, x8;
+  x1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf + 0x00));
+  x2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf + 0x10));
+  x3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf + 0x20));
+  x4 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf + 0x30));
+  x1 = _mm_xor_si128(x1, _mm_cvtsi32_si128(int(crc)));
+  x0 = _mm_load_si128(reinterpret_cast<const __m128i*>(k1k2));
+  buf += 64;
+  len -= 64;
+  while (len >= 64) {  // four independent 128-bit lanes folded 512 bits forward
+    x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
+    x6 = _mm_clmulepi64_si128(x2, x0, 0x00);
+    x7 = _mm_clmulepi64_si128(x3, x0, 0x00);
+    x8 = _mm_clmulepi64_si128(x4, x0, 0x00);
+    x1 = _mm_clmulepi64_si128(x1, x0, 0x11);
+    x2 = _mm_clmulepi64_si128(x2, x0, 0x11);
+    x3 = _mm_clmulepi64_si128(x3, x0, 0x11);
+    x4 = _mm_clmulepi64_si128(x4, x0, 0x11);
+    x1 = _mm_xor_si128(_mm_xor_si128(x1, x5), _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf + 0x00)));
+    x2 = _mm_xor_si128(_mm_xor_si128(x2, x6), _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf + 0x10)));
+    x3 = _mm_xor_si128(_mm_xor_si128(x3, x7), _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf + 0x20)));
+    x4 = _mm_xor_si128(_mm_xor_si128(x4, x8), _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf + 0x30)));
+    buf += 64;
+    len -= 64;
+  }
+  x0 = _mm_load_si128(reinterpret_cast<const __m128i*>(k3k4));  // fold the four lanes into one
+  for (__m128i next : {x2, x3, x4}) {
+    x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
+    x1 = _mm_clmulepi64_si128(x1, x0, 0x11);
+    x1 = _mm_xor_si128(_mm_xor_si128(x1, next), x5);
+  }
+  while (len >= 16) {
+    x2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf));
+    x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
+    x1 = _mm_clmulepi64_si128(x1, x0, 0x11);
+    x1 = _mm_xor_si128(_mm_xor_si128(x1, x2), x5);
+    buf += 16;
+    len -= 16;
+  }
+  // 128 -> 64 bits, then Barrett reduction to 32.
+  x2 = _mm_clmulepi64_si128(x1, x0, 0x10);
+  x3 = _mm_setr_epi32(~0, 0, ~0, 0);
+  x1 = _mm_xor_si128(_mm_srli_si128(x1, 8), x2);
+  x0 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(k5k0));
+  x2 = _mm_srli_si128(x1, 4);
+  x1 = _mm_xor_si128(_mm_clmulepi64_si128(_mm_and_si128(x1, x3), x0, 0x00), x2);
+  x0 = _mm_load_si128(reinterpret_cast<const __m128i*>(poly));
+  x2 = _mm_clmulepi64_si128(_mm_and_si128(x1, x3), x0, 0x10);
+  x2 = _mm_clmulepi64_si128(_mm_and_si128(x2, x3), x0, 0x00);
+  x1 = _mm_xor_si128(x1, x2);
+  return uint32_t(_mm_extract_epi32(x1, 1));
+}
+
+bool cpu_has_clmul() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1");
+}
+const bool kHasClmul = cpu_has_clmul();
+#endif
+
+}  // namespace
+
+uint32_t crc32_portable(uint32_t crc, const uint8_t* p, int64_t n) {
+  const auto& t = kTables.t;
+  uint32_t c = ~crc;
+  while (n >= 8) {
+    const uint32_t a = load32(p) ^ c, b = load32(p + 4);
+    c = t[7][a & 0xff] ^ t[6][(a >> 8) & 0xff] ^ t[5][(a >> 16) & 0xff] ^ t[4][a >> 24] ^ t[3][b & 0xff] ^
+        t[2][(b >> 8) & 0xff] ^ t[1][(b >> 16) & 0xff] ^ t[0][b >> 24];
+    p += 8;
+    n -= 8;
+  }
+  while (n-- > 0) c = t[0][(c ^ *p++) & 0xff] ^ (c >> 8);
+  return ~c;
+}
+
+uint32_t crc32(const uint8_t* p, int64_t n) {
+  uint32_t crc = 0;
+#ifdef FS_HAVE_CLMUL
+  if (kHasClmul && n >= 64) {
+    const int64_t bulk = n & ~int64_t(15);
+    crc = ~crc32_clmul(~crc, p, bulk);
+    p += bulk;
+    n -= bulk;
+  }
+#endif
+  return crc32_portable(crc, p, n);
+}
+
+}  // namespace fedsparse
+
+void init_crc32(py::module_& m) {
+  auto bytes_of = [](const py::buffer& b) {
+    py::buffer_info info = b.request();
+    return std::make_pair(static_cast<const uint8_t*>(info.ptr), int64_t(info.size * info.itemsize));
+  };
+  m.def(
+      "crc32",
+      [bytes_of](const py::buffer& b) {
+        auto [p, n] = bytes_of(b);
+        py::gil_scoped_release nogil;
+        return fedsparse::crc32(p, n);
+      },
+      "CRC-32 (zlib's polynomial) of a buffer: carry-less-multiply folding where the CPU has it.");
+  m.def(
+      "crc32_portable",
+      [bytes_of](const py::buffer& b) {
+        auto [p, n] = bytes_of(b);
+        py::gil_scoped_release nogil;
+        return fedsparse::crc32_portable(0, p, n);
+      },
+      "CRC-32 by slicing-by-8 tables (the fallback; a test peer of crc32).");
+}
