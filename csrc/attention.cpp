@@ -276,6 +276,47 @@ void attention_row_stats(const py::array_t<float>& q, const py::array_t<float>& 
   }
 }
 
+// dst viewed as [R, row_bytes]: row rows[n] = src row n, every other row = 0, in one parallel pass. This is how
+// the CPU path writes the full-size output and gradients of pruned attention (a memset per pruned (b, h),
+// a memcpy per kept one): torch's zero_() + index_copy_() writes the kept rows twice and runs two passes.
+void scatter_rows(const py::buffer& dst_b, const py::buffer& src_b, const py::array_t<int64_t>& rows_a,
+                  int64_t row_bytes) {
+  py::buffer_info dst = dst_b.request(true), src = src_b.request();
+  FS_CHECK(!dst.readonly, "dst must be writable");
+  FS_CHECK(row_bytes > 0, "row_bytes must be positive");
+  const int64_t dst_bytes = dst.size * dst.itemsize, src_bytes = src.size * src.itemsize;
+  FS_CHECK(dst_bytes % row_bytes == 0, "dst must hold whole rows");
+  const auto contiguous = [](const py::buffer_info& b) {
+    int64_t expect = b.itemsize;
+    for (int64_t i = b.ndim - 1; i >= 0; --i) {
+      if (b.shape[size_t(i)] != 1 && b.strides[size_t(i)] != expect) return false;
+      expect *= b.shape[size_t(i)];
+    }
+    return true;
+  };
+  FS_CHECK(contiguous(dst) && contiguous(src), "dst and src must be C-contiguous");
+  const int64_t R = dst_bytes / row_bytes, N = rows_a.size();
+  FS_CHECK(src_bytes == N * row_bytes, "src must hold one row per index");
+  FS_CHECK(rows_a.ndim() == 1 && (N == 0 || rows_a.strides(0) == 8), "rows must be a contiguous int64 vector");
+  std::vector<int64_t> from(size_t(R), -1);
+  const int64_t* rows = rows_a.data();
+  for (int64_t n = 0; n < N; ++n) {
+    FS_CHECK(rows[n] >= 0 && rows[n] < R, "row index out of range");
+    FS_CHECK(from[size_t(rows[n])] < 0, "row indices must be distinct");
+    from[size_t(rows[n])] = n;
+  }
+  uint8_t* d = static_cast<uint8_t*>(dst.ptr);
+  const uint8_t* sp = static_cast<const uint8_t*>(src.ptr);
+  py::gil_scoped_release nogil;
+#pragma omp parallel for schedule(static) if (dst_bytes > (1 << 18))
+  for (int64_t r = 0; r < R; ++r) {
+    if (from[size_t(r)] >= 0)
+      std::memcpy(d + r * row_bytes, sp + from[size_t(r)] * row_bytes, size_t(row_bytes));
+    else
+      std::memset(d + r * row_bytes, 0, size_t(row_bytes));
+  }
+}
+
 }  // namespace
 }  // namespace fedsparse
 
@@ -288,4 +329,7 @@ void init_attention(py::module_& m) {
         "Row max m and sum of exp(l - m) of l = scale * q k^T + bias (causal: key j > row i masked), float32 "
         "C-contiguous q [N, Sq, D], k [N, Sk, D], bias None or [N, bias_rows (1 or Sq), Sk]; writes m, s "
         "[N, Sq] (m = -inf, s = 0 for a row with nothing to attend to; m = NaN if a logit is NaN).");
+  m.def("scatter_rows", &fedsparse::scatter_rows, py::arg("dst"), py::arg("src"), py::arg("rows").noconvert(),
+        py::arg("row_bytes"),
+        "dst as [R, row_bytes] bytes: row rows[n] <- src row n, all other rows zeroed; one parallel pass.");
 }

@@ -289,3 +289,27 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(conf, r_conf, atol=1e-5, rtol=1e-5)
     for a, r in zip(grads, r_grads):
         torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4)
+
+
+def test_native_scatter_rows():
+    from fedsparse.ops import _native
+    if not _native.has_scatter():
+        pytest.skip("native module not built")
+    from fedsparse import _C
+    part = torch.randn(3, 5, 4)
+    rows = torch.tensor([4, 0, 2])
+    full = torch.full((2, 3, 5, 4), float("nan"))
+    _native.scatter_rows(full, rows, part)
+    want = torch.zeros(6, 5, 4)
+    want[rows] = part
+    assert torch.equal(full.view(6, 5, 4), want)
+    buf = torch.zeros(6 * 80, dtype=torch.uint8).numpy()
+    src = part.view(torch.uint8).reshape(-1).numpy()
+    with pytest.raises(ValueError, match="out of range"):
+        _C.scatter_rows(buf, src, torch.tensor([0, 1, 6]).numpy(), 80)
+    with pytest.raises(ValueError, match="distinct"):
+        _C.scatter_rows(buf, src, torch.tensor([0, 1, 1]).numpy(), 80)
+    with pytest.raises(ValueError, match="one row per index"):
+        _C.scatter_rows(buf, src, torch.tensor([0, 1]).numpy(), 80)
+    with pytest.raises(TypeError):  # int32 indices are refused rather than silently converted
+        _C.scatter_rows(buf, src, torch.tensor([0, 1, 2], dtype=torch.int32).numpy(), 80)

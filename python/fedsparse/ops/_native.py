@@ -39,3 +39,22 @@ def row_stats(qs: Tensor, ks: Tensor, bias: Tensor | None, is_causal: bool, scal
 
 def row_max(qs, ks, bias, is_causal, scale) -> Tensor:
     return row_stats(qs, ks, bias, is_causal, scale, want_sum=False)[0]
+
+
+def has_scatter() -> bool:
+    return native is not None and hasattr(native, "scatter_rows")
+
+
+def _bytes(t: Tensor):
+    """A zero-copy numpy uint8 view of a C-contiguous CPU tensor of any dtype (bfloat16 included)."""
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def scatter_rows(full: Tensor, rows: Tensor, part: Tensor) -> None:
+    """full viewed as [R, -1]: row rows[n] = part[n], the other rows zero. full contiguous; part any layout."""
+    assert full.is_contiguous() and part.dtype == full.dtype
+    n = rows.numel()
+    part = part.contiguous()
+    row_bytes = full.numel() // (full.shape[0] * full.shape[1]) * full.element_size()
+    native.scatter_rows(_bytes(full), _bytes(part) if n else torch.empty(0, dtype=torch.uint8).numpy(),
+                        rows.to(torch.int64).contiguous().numpy(), row_bytes)
