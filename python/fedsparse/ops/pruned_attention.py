@@ -67,8 +67,9 @@ def pruned_attention(q: Tensor, k: Tensor, v: Tensor, head_mask: Tensor, *, attn
 def _eager_cpu_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Eager CPU calls skip the custom-op dispatcher (see _EagerCpu); traced ones (torch.compile, export) and
     fake tensors go through the registered op."""
-    return (q.device.type == "cpu" and q.dtype in _CPU_FLASH_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
-            and not torch.compiler.is_compiling() and _EAGER_CPU)
+    return (_EAGER_CPU and type(q) is Tensor and type(k) is Tensor and type(v) is Tensor  # no Fake/subclass
+            and q.device.type == "cpu" and q.dtype in _CPU_FLASH_DTYPES and k.dtype == q.dtype
+            and v.dtype == q.dtype and not torch.compiler.is_compiling())
 
 
 _EAGER_CPU = True  # tests switch it off to run the op path eagerly
