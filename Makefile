@@ -16,7 +16,7 @@ $(STAMP): $(SOURCES)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch resolves to a multi-GB CUDA build.
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q ".[test,demo]"
+	$(BIN)/pip install -q ".[test,demo,flower]"
 	touch $(STAMP)
 
 install: $(STAMP)
