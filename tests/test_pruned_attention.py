@@ -313,3 +313,24 @@ def test_native_scatter_rows():
         _C.scatter_rows(buf, src, torch.tensor([0, 1]).numpy(), 80)
     with pytest.raises(TypeError):  # int32 indices are refused rather than silently converted
         _C.scatter_rows(buf, src, torch.tensor([0, 1, 2], dtype=torch.int32).numpy(), 80)
+
+
+def test_dispatch_modes_see_the_custom_op():
+    """Under a dispatch mode (FlopCounterMode, fedsparse's OP counting) the eager shortcut is not taken."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v, go, g = make(2, 4, 4, 8, 8, 16)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    with Record() as rec:
+        pruned_attention(q, k, v, torch.tensor([True, False, False, False])).backward(go)
+    assert "fedsparse.pruned_attention.default" in rec.names
+    assert "fedsparse.pruned_attention_backward.default" in rec.names

@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils import _python_dispatch
 
 from . import _common, reference
 from ._common import Masks, masked_mean, split_mask
@@ -65,11 +66,13 @@ def pruned_attention(q: Tensor, k: Tensor, v: Tensor, head_mask: Tensor, *, attn
 
 
 def _eager_cpu_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """Eager CPU calls skip the custom-op dispatcher (see _EagerCpu); traced ones (torch.compile, export) and
-    fake tensors go through the registered op."""
-    return (_EAGER_CPU and type(q) is Tensor and type(k) is Tensor and type(v) is Tensor  # no Fake/subclass
+    """Eager CPU calls skip the custom-op dispatcher (see _EagerCpu). Traced calls (torch.compile, export), fake
+    and subclass tensors, and calls under a dispatch mode (FlopCounterMode, fedsparse.count_ops) go through the
+    registered op, so tracing and counting see fedsparse::pruned_attention itself."""
+    return (_EAGER_CPU and type(q) is Tensor and type(k) is Tensor and type(v) is Tensor
             and q.device.type == "cpu" and q.dtype in _CPU_FLASH_DTYPES and k.dtype == q.dtype
-            and v.dtype == q.dtype and not torch.compiler.is_compiling())
+            and v.dtype == q.dtype and not torch.compiler.is_compiling()
+            and _python_dispatch._get_current_dispatch_mode() is None)
 
 
 _EAGER_CPU = True  # tests switch it off to run the op path eagerly
