@@ -34,7 +34,6 @@ namespace py = pybind11;
 namespace fedsparse {
 namespace {
 
-enum Kind { kDense = 0, kHeadRows = 1, kHeadCols = 2, kElements = 3 };
 // Columns of one plan row (int64): what the payload says (kind .. data_nbytes, from the parser; mask_offset
 // -1 means every head / element travelled) and where the tensor goes (acc_offset in floats, w_offset into
 // weights, wsum_offset into wsum and counts or -1, wsum_mode: how wsum is indexed).

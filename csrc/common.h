@@ -12,6 +12,9 @@
 
 namespace fedsparse {
 
+// Sparsity kinds of the wire format (python/fedsparse/sparsity.py).
+enum Kind { kDense = 0, kHeadRows = 1, kHeadCols = 2, kElements = 3 };
+
 // Little-endian loads from possibly unaligned bytes (the wire format is little-endian everywhere).
 inline uint32_t load_u32le(const uint8_t* p) {
   return uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24;

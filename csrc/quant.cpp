@@ -30,7 +30,6 @@ namespace py = pybind11;
 namespace fedsparse {
 namespace {
 
-enum Kind { kDense = 0, kHeadRows = 1, kHeadCols = 2, kElements = 3 };
 enum Status { kOk = 0, kNonFinite = 1, kF16Overflow = 2 };
 constexpr int64_t kSerialBelow = 1 << 16;  // elements; below this OpenMP start-up costs more than it saves
 

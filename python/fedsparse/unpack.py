@@ -22,14 +22,11 @@ def parse_layout(payload, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Layout:
         version, group_size, meta_offset, meta_len, raw = native.parse_payload(payload, max_elements)
     except ValueError as exc:
         raise PayloadError(str(exc)) from None
-    entries = []
-    for name, dtype, *rest in raw:
-        try:
-            text = name.decode("utf-8")
-        except UnicodeDecodeError:
-            raise PayloadError(f"tensor name {name!r} is not valid UTF-8") from None
-        entries.append(Entry(text, DTYPE_NAMES[dtype], *rest))
-    return Layout(version, group_size, meta_offset, meta_len, tuple(entries))
+    try:
+        entries = tuple(Entry._make((t[0].decode("utf-8"), DTYPE_NAMES[t[1]]) + t[2:]) for t in raw)
+    except UnicodeDecodeError:
+        raise PayloadError("a tensor name is not valid UTF-8") from None
+    return Layout(version, group_size, meta_offset, meta_len, entries)
 
 
 def decode_entry(buf, entry: Entry, group_size: int) -> np.ndarray:

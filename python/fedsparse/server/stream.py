@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections import namedtuple
 from operator import attrgetter
 
 import numpy as np
@@ -23,7 +22,7 @@ from .. import _backend
 from ..errors import PayloadError
 from ..sparsity import KIND_DENSE, KIND_ELEMENTS, KIND_HEAD_COLS, KIND_HEAD_ROWS, matrix_view, unpack_bitmap
 from ..unpack import decode_entry, parse_layout
-from ..wire import DEFAULT_MAX_ELEMENTS, DTYPE_NAMES, Layout
+from ..wire import DEFAULT_MAX_ELEMENTS
 from .meta import AggregationError, client_id, client_label, head_scores
 
 # Plan columns (csrc/aggregate.cpp).
@@ -34,27 +33,7 @@ PER_TENSOR, PER_HEAD, PER_ELEMENT = 0, 1, 2
 _HEAD_KINDS = (KIND_HEAD_ROWS, KIND_HEAD_COLS)
 
 
-# wire.Entry's fields, as a tuple: building 80 frozen dataclasses per payload costs more than the parse.
-FastEntry = namedtuple("FastEntry", "name dtype bits kind is_meta n_heads shape mask_offset mask_nbits n_kept "
-                                    "data_offset data_nbytes")
-_make_entry = FastEntry._make
 _dynamic = attrgetter("mask_offset", "n_kept", "bits", "data_offset", "data_nbytes")
-
-
-def _parse(buf, max_elements: int) -> Layout:
-    """unpack.parse_layout with light entries (same checks: the native parser, else the reference)."""
-    native = _backend.native
-    if native is None:
-        return parse_layout(buf, max_elements)
-    try:
-        version, group_size, meta_offset, meta_len, raw = native.parse_payload(buf, max_elements)
-    except ValueError as exc:
-        raise PayloadError(str(exc)) from None
-    try:
-        entries = tuple(_make_entry((t[0].decode("utf-8"), DTYPE_NAMES[t[1]]) + t[2:]) for t in raw)
-    except UnicodeDecodeError:
-        raise PayloadError("a tensor name is not valid UTF-8") from None
-    return Layout(version, group_size, meta_offset, meta_len, entries)
 
 
 def _table_key(client) -> bytes:
@@ -87,7 +66,7 @@ def read_client(payload, position: int, max_elements: int = DEFAULT_MAX_ELEMENTS
                                f"{type(payload).__name__}")
         buf = bytes(payload) if isinstance(payload, bytearray) else payload
         try:
-            layout = _parse(buf, max_elements)
+            layout = parse_layout(buf, max_elements)
         except PayloadError as exc:
             raise PayloadError(f"client #{position}: {exc}") from None
     meta = _read_metadata(buf, layout, position)
