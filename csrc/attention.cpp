@@ -279,8 +279,18 @@ void attention_row_stats(const py::array_t<float>& q, const py::array_t<float>& 
 // dst viewed as [R, row_bytes]: row rows[n] = src row n, every other row = 0, in one parallel pass. This is how
 // the CPU path writes the full-size output and gradients of pruned attention (a memset per pruned (b, h),
 // a memcpy per kept one): torch's zero_() + index_copy_() writes the kept rows twice and runs two passes.
+#ifdef FS_X86
+// Zeros with non-temporal stores: no read-for-ownership of lines that are only overwritten.
+__attribute__((target("avx2"))) void zero_stream(uint8_t* p, int64_t n) {
+  const __m256i z = _mm256_setzero_si256();
+  for (int64_t i = 0; i < n; i += 32) _mm256_stream_si256(reinterpret_cast<__m256i*>(p + i), z);
+}
+#else
+void zero_stream(uint8_t* p, int64_t n) { std::memset(p, 0, size_t(n)); }
+#endif
+
 void scatter_rows(const py::buffer& dst_b, const py::buffer& src_b, const py::array_t<int64_t>& rows_a,
-                  int64_t row_bytes) {
+                  int64_t row_bytes, bool streaming) {
   py::buffer_info dst = dst_b.request(true), src = src_b.request();
   FS_CHECK(!dst.readonly, "dst must be writable");
   FS_CHECK(row_bytes > 0, "row_bytes must be positive");
@@ -307,14 +317,20 @@ void scatter_rows(const py::buffer& dst_b, const py::buffer& src_b, const py::ar
   }
   uint8_t* d = static_cast<uint8_t*>(dst.ptr);
   const uint8_t* sp = static_cast<const uint8_t*>(src.ptr);
+  const bool stream = streaming && have_avx2() && row_bytes % 32 == 0 && reinterpret_cast<uintptr_t>(d) % 32 == 0;
   py::gil_scoped_release nogil;
 #pragma omp parallel for schedule(static) if (dst_bytes > (1 << 18))
   for (int64_t r = 0; r < R; ++r) {
     if (from[size_t(r)] >= 0)
       std::memcpy(d + r * row_bytes, sp + from[size_t(r)] * row_bytes, size_t(row_bytes));
+    else if (stream)
+      zero_stream(d + r * row_bytes, row_bytes);
     else
       std::memset(d + r * row_bytes, 0, size_t(row_bytes));
   }
+#ifdef FS_X86
+  if (stream) _mm_sfence();
+#endif
 }
 
 }  // namespace
@@ -330,6 +346,6 @@ void init_attention(py::module_& m) {
         "C-contiguous q [N, Sq, D], k [N, Sk, D], bias None or [N, bias_rows (1 or Sq), Sk]; writes m, s "
         "[N, Sq] (m = -inf, s = 0 for a row with nothing to attend to; m = NaN if a logit is NaN).");
   m.def("scatter_rows", &fedsparse::scatter_rows, py::arg("dst"), py::arg("src"), py::arg("rows").noconvert(),
-        py::arg("row_bytes"),
+        py::arg("row_bytes"), py::arg("streaming") = false,
         "dst as [R, row_bytes] bytes: row rows[n] <- src row n, all other rows zeroed; one parallel pass.");
 }

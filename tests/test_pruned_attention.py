@@ -334,3 +334,24 @@ def test_dispatch_modes_see_the_custom_op():
         pruned_attention(q, k, v, torch.tensor([True, False, False, False])).backward(go)
     assert "fedsparse.pruned_attention.default" in rec.names
     assert "fedsparse.pruned_attention_backward.default" in rec.names
+
+
+def test_cpu_buffer_cache_never_hands_out_a_live_buffer():
+    from fedsparse.ops import _pool
+    shape = (4, 8, 64, 128)  # 1 MiB of float32: cached
+    a = _pool.empty(shape, torch.float32)
+    a.fill_(1.0)
+    view = a[1:3]
+    del a
+    b = _pool.empty(shape, torch.float32)  # the view keeps a's buffer alive: b must be another one
+    b.fill_(2.0)
+    assert torch.equal(view, torch.ones_like(view))
+    ptr = b.data_ptr()
+    del b
+    c = _pool.empty((4, 8, 64, 256), torch.float16)  # b's buffer is free: reused (same bytes, another dtype)
+    assert c.data_ptr() == ptr and c.dtype == torch.float16 and c.is_contiguous()
+    small = _pool.empty((3, 5), torch.bfloat16)  # small tensors are plain allocations
+    assert small.shape == (3, 5) and small.dtype == torch.bfloat16
+    del view, c
+    _pool.empty_cache()
+    assert all(not bufs for bufs in _pool._buffers.values())

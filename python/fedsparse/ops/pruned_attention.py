@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.utils import _python_dispatch
 
-from . import _common, reference
+from . import _common, _pool, reference
 from ._common import Masks, masked_mean, split_mask
 
 _ATEN = torch.ops.aten
@@ -222,13 +222,24 @@ def _cpu_plan(q, k, v, keep, attn_mask) -> _CpuPlan | None:
         return _CpuPlan(b, h, hk, sq, sk, bi, hi, True, q, k, v, _full_bias(masks, b, sk, q.dtype), masks.qv)
     group = h // hk
     hkv = hi // group if group > 1 else hi
-    return _CpuPlan(b, h, hk, sq, sk, bi, hi, False, q[bi, hi].unsqueeze(1), k[bi, hkv].unsqueeze(1),
-                    v[bi, hkv].unsqueeze(1), _pair_bias(masks, bi, hi, b, h, sk, q.dtype),
-                    masks.qv[bi] if masks.qv is not None else None)
+    return _CpuPlan(b, h, hk, sq, sk, bi, hi, False, _gather(q, bi, hi), _gather(k, bi, hkv), _gather(v, bi, hkv),
+                    _pair_bias(masks, bi, hi, b, h, sk, q.dtype), masks.qv[bi] if masks.qv is not None else None)
 
 
-def _cpu_forward_plan(p: _CpuPlan, is_causal: bool, scale: float, with_conf: bool):
-    """-> (out [B, H, Sq, Dv], lse [B, H, Sq], conf [B, H]); sets p.o, p.lse (compact) for the backward."""
+def _gather(t: Tensor, bi: Tensor, hi: Tensor) -> Tensor:
+    """t[bi, hi] as [N, 1, S, D]. index_select over a [B*H, S, D] view where the strides allow one: 10 us
+    against 26 us for advanced indexing, for 16 of 160 heads of [8, 20, 256, 32] float32 (2 Xeon cores)."""
+    b, h = t.shape[:2]
+    try:
+        flat_view = t.view(b * h, *t.shape[2:])
+    except RuntimeError:
+        return t[bi, hi].unsqueeze(1)
+    return flat_view.index_select(0, bi * h + hi).unsqueeze(1)
+
+
+def _cpu_forward_plan(p: _CpuPlan, is_causal: bool, scale: float, with_conf: bool, want_lse: bool = True):
+    """-> (out [B, H, Sq, Dv], lse [B, H, Sq] (None if not want_lse), conf [B, H]); sets p.o, p.lse (compact)
+    for the backward."""
     o, lse = _ATEN._scaled_dot_product_flash_attention_for_cpu(p.q, p.k, p.v, 0.0, is_causal, attn_mask=p.bias,
                                                                scale=scale)
     if p.qv is not None:  # padded queries output zeros (the kernel gave them the valid keys' average)
@@ -247,8 +258,8 @@ def _cpu_forward_plan(p: _CpuPlan, is_causal: bool, scale: float, with_conf: boo
         return out, lse_full, conf
     n = p.bi.numel()
     flat = p.bi * p.h + p.hi
-    out = _scatter_pairs(torch.empty(p.b, p.h, p.sq, o.shape[-1], dtype=o.dtype), flat, o)
-    lse_full = _scatter_pairs(torch.empty(p.b, p.h, p.sq, dtype=torch.float32), flat, lse)
+    out = _scatter_pairs(_pool.empty((p.b, p.h, p.sq, o.shape[-1]), o.dtype), flat, o)
+    lse_full = _scatter_pairs(torch.empty(p.b, p.h, p.sq, dtype=torch.float32), flat, lse) if want_lse else None
     if with_conf:
         m = _row_max_cpu(p.q[:, 0], p.k[:, 0], p.bias, is_causal, scale)  # [N, Sq] float32
         conf[p.bi, p.hi] = _confidence(m, lse.reshape(n, p.sq), p.qv)
@@ -258,7 +269,7 @@ def _cpu_forward_plan(p: _CpuPlan, is_causal: bool, scale: float, with_conf: boo
 def _cpu_backward_plan(p: _CpuPlan, grad_out: Tensor, is_causal: bool, scale: float):
     go = grad_out if grad_out.dtype == p.q.dtype else grad_out.to(p.q.dtype)
     if not p.all_kept:
-        go = go[p.bi, p.hi].unsqueeze(1)
+        go = _gather(go, p.bi, p.hi)
     if p.qv is not None:
         go = go * p.qv[:, None, :, None].to(go.dtype)
     gq, gk, gv = _ATEN._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -268,10 +279,10 @@ def _cpu_backward_plan(p: _CpuPlan, grad_out: Tensor, is_causal: bool, scale: fl
     b, h, hk, sq, sk = p.b, p.h, p.hk, p.sq, p.sk
     n, d, dv = p.bi.numel(), gq.shape[-1], gv.shape[-1]
     flat = p.bi * h + p.hi
-    dq = _scatter_pairs(torch.empty(b, h, sq, d, dtype=gq.dtype), flat, gq)
+    dq = _scatter_pairs(_pool.empty((b, h, sq, d), gq.dtype), flat, gq)
     if hk == h:
-        dk = _scatter_pairs(torch.empty(b, h, sk, d, dtype=gk.dtype), flat, gk)
-        dv_ = _scatter_pairs(torch.empty(b, h, sk, dv, dtype=gv.dtype), flat, gv)
+        dk = _scatter_pairs(_pool.empty((b, h, sk, d), gk.dtype), flat, gk)
+        dv_ = _scatter_pairs(_pool.empty((b, h, sk, dv), gv.dtype), flat, gv)
     else:  # several kept query heads share a key/value head: sum their gradients
         flat_kv = p.bi * hk + p.hi // (h // hk)
         dk = torch.zeros(b, hk, sk, d, dtype=gk.dtype)
@@ -315,7 +326,7 @@ class _EagerCpu(torch.autograd.Function):
             b, h, sq, _ = q.shape
             ctx.mark_non_differentiable(conf := torch.zeros(b, h, dtype=torch.float32))
             return torch.zeros(b, h, sq, v.shape[3], dtype=q.dtype), conf
-        out, _, conf = _cpu_forward_plan(p, is_causal, scale, with_conf)
+        out, _, conf = _cpu_forward_plan(p, is_causal, scale, with_conf, want_lse=False)
         ctx.mark_non_differentiable(conf)
         # Tensors go through save_for_backward (version checks, no reference cycle through out).
         ctx.save_for_backward(p.q, p.k, p.v, p.o, p.lse, p.bias, p.qv)
