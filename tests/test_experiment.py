@@ -110,8 +110,7 @@ def test_cli_flags_map_to_config():
     cli.add_arguments(p)
     args = p.parse_args(["--quick", "--rounds", "2", "--bits", "8", "--arms", "dense", "--no-progress",
                          "--lr", "0.01", "--hetero", "--hetero-ranks", "8,2"])
-    overrides = {k: v for k, v in vars(args).items() if k not in ("quick", "config")}
-    cfg = C.make_config(quick=args.quick, toml=args.config, overrides=overrides)
+    cfg = cli.config_from_args(args)
     assert (cfg.rounds, cfg.bits, cfg.arms, cfg.progress, cfg.lr, cfg.hetero, cfg.hetero_ranks) == \
         (2, 8, ["dense"], False, 0.01, True, [8, 2])
     assert cfg.max_len == C.QUICK["max_len"]
@@ -144,11 +143,15 @@ def _summary(arm, acc, up, down, ops, parts=None):
 
 
 def test_report_outputs(tmp_path):
-    sums = [_summary("dense", 0.9, 1_000_000, 2_000_000, 4e12, {"attention": 1e12, "ffn": 3e12}),
-            _summary("fedsparse", 0.89, 40_000, 100_000, 2e12, {"attention": 1e11, "ffn": 1.9e12})]
+    sums = [_summary("dense", 0.9, 1_000_000, 2_000_000, 4e12,
+                     {"attention": 1e11, "projections": 8e11, "lora": 1e11, "feed_forward": 3e12}),
+            _summary("fedsparse", 0.89, 40_000, 100_000, 3.1e12,
+                     {"attention": 1e10, "projections": 8e10, "lora": 1e10, "feed_forward": 3e12})]
     text = report.summary_table(sums)
-    assert "25.0x" in text and "20.0x" in text and "2.0x" in text
+    assert "25.0x" in text and "20.0x" in text and "1.3x" in text
     assert "| attention |" in report.ops_table(sums) and "10.0x" in report.ops_table(sums)
+    note = report.ops_note(sums)
+    assert "25% of the OPs" in note and "at most 1.33x" in note and "attention block 10.0x" in note
     rounds = {s["arm"]: [{"round": r, "cum_upload_bytes": r * s["upload_bytes"], "test_acc": 0.5 + r / 10}
                          for r in (1, 2, 3)] for s in sums}
     report.write_json(tmp_path / "r.json", {"a": 1}, sums, [x for v in rounds.values() for x in v])
@@ -211,18 +214,25 @@ def test_dense_arm_end_to_end_and_deterministic(tmp_path):
 
 
 @_needs(*SPARSE_APIS)
-@pytest.mark.parametrize("arm", ["fedsparse", "fedsparse_ffa"])
-def test_sparse_arms_end_to_end(tmp_path, arm):
+def test_sparse_arms_end_to_end_and_deterministic(tmp_path):
     from fedsparse.experiment import run
 
-    cfg = C.make_config(overrides={**TINY, "arms": ["dense", arm], "out_dir": str(tmp_path)})
+    cfg = C.make_config(overrides={**TINY, "out_dir": str(tmp_path / "a")})
     res = run(cfg)
-    dense, sparse = res["summaries"]
-    assert sparse["upload_bytes"] * 10 < dense["upload_bytes"]
-    assert sparse["train_ops"] < dense["train_ops"]
+    dense, sparse, ffa = res["summaries"]
+    assert [s["arm"] for s in res["summaries"]] == ["dense", "fedsparse", "fedsparse_ffa"]
+    assert dense["upload_bytes"] > 10 * sparse["upload_bytes"] > 10 * ffa["upload_bytes"]
+    for s in (sparse, ffa):
+        assert s["train_ops"] < dense["train_ops"]
+        assert s["train_ops_breakdown"]["attention"] * 5 < dense["train_ops_breakdown"]["attention"]
+        assert s["final_acc_pruned"] is not None
     for r in res["rounds"]:
-        if r["arm"] == arm:
+        if r["arm"] != "dense":
             assert all(c["kept_heads"] == round(0.1 * 72) for c in r["clients"])
+    again = run(C.make_config(overrides={**TINY, "out_dir": str(tmp_path / "b")}))
+    keys = ("best_acc", "final_acc", "final_acc_pruned", "upload_bytes", "download_bytes", "train_ops")
+    for s1, s2 in zip(res["summaries"], again["summaries"]):
+        assert [s1.get(k) for k in keys] == [s2.get(k) for k in keys], s1["arm"]
 
 
 @pytest.fixture(scope="module")

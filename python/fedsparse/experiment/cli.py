@@ -36,20 +36,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "fedsparse-run-quick with --quick)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                         help="no progress bars")
+    parser.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess",
+                        help="inprocess (default), or flower: one superlink and N supernodes on 127.0.0.1 "
+                             "(fedsparse starts and always stops them); same seed, same numbers")
+    parser.add_argument("--supernodes", type=int, default=None,
+                        help="supernodes for --engine flower (default min(clients, 3))")
     for flag, name in _FLAGS.items():
         default = getattr(defaults, name)
         parser.add_argument(flag, dest=name, type=type(default), metavar=name.upper(),
                             help=f"(default {default})")
 
 
-def main(args: argparse.Namespace) -> int:
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The RunConfig that parsed flags describe (flags over the TOML file over the defaults)."""
     overrides = {name: getattr(args, name, None) for name in list(_FLAGS.values()) +
                  ["hetero", "bits", "head_scope", "mode", "out_dir", "progress", "arms", "hetero_layers",
                   "hetero_ranks"]}
-    cfg = make_config(quick=args.quick, toml=args.config, overrides=overrides)
-    from .runner import run
+    return make_config(quick=args.quick, toml=args.config, overrides=overrides)
 
-    result = run(cfg)
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if args.engine == "flower":
+        from ..flower.deploy import run_experiment
+
+        result = run_experiment(cfg, n_supernodes=args.supernodes)
+    else:
+        from .runner import run
+
+        result = run(cfg)
     print(result["table"])
     print(f"\nwrote {result['json']}" + (f", {result['png']}" if result.get("png") else "")
           + f" and {result['markdown']}")

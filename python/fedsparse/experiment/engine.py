@@ -217,12 +217,14 @@ class ArmRunner:
                 pruning.attach(opt)
             model.train()
             losses = []
+            t_train = time.perf_counter()
             for idx in train_batches:
                 loss = model(**fed.data.batch(idx)).loss
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 losses.append(loss.item())
+            info["train_s"] = time.perf_counter() - t_train
             info["train_loss"] = float(np.mean(losses))
             if arm.needs_loss_stats:
                 local_loss = self._mean_loss(model, score_batches)
@@ -431,7 +433,8 @@ def run_arm(fed: Federation, arm: ArmSpec, *, progress: bool = True) -> ArmResul
     result.summary = {"arm": arm.name, "label": arm.label, "best_acc": max(accs), "final_acc": accs[-1],
                       "upload_bytes": int(cum_up), "download_bytes": int(cum_down),
                       "train_ops": cum_ops.get("total", 0.0), "train_ops_breakdown": cum_ops,
-                      "wall_s": time.perf_counter() - t0}
+                      "wall_s": time.perf_counter() - t0,
+                      "train_s": float(sum(c["train_s"] for r in result.rounds for c in r["clients"]))}
     pruned_accs = [r["test_acc_pruned"] for r in result.rounds if r["test_acc_pruned"] is not None]
     if pruned_accs:
         result.summary.update(best_acc_pruned=max(pruned_accs), final_acc_pruned=pruned_accs[-1])

@@ -32,8 +32,8 @@ def summary_table(summaries: list[dict]) -> str:
     """A Markdown table, one row per arm; ratios are the dense baseline's figure over the arm's."""
     base = next((s for s in summaries if s["arm"] == "dense"), None)
     head = ("| arm | best acc | final acc | final acc, pruned inference | uploaded | up vs dense | downloaded "
-            "| down vs dense | train OPs | OPs vs dense | wall s |")
-    rows = [head, "|" + "---|" * 11]
+            "| down vs dense | train OPs | OPs vs dense | wall s | local training s |")
+    rows = [head, "|" + "---|" * 12]
     for s in summaries:
         b = base or {}
         pruned = f"{100 * s['final_acc_pruned']:.1f}%" if s.get("final_acc_pruned") is not None else "-"
@@ -42,7 +42,7 @@ def summary_table(summaries: list[dict]) -> str:
             f"| {fmt_bytes(s['upload_bytes'])} | {_ratio(b.get('upload_bytes', 0), s['upload_bytes'])} "
             f"| {fmt_bytes(s['download_bytes'])} | {_ratio(b.get('download_bytes', 0), s['download_bytes'])} "
             f"| {fmt_ops(s['train_ops'])} | {_ratio(b.get('train_ops', 0), s['train_ops'])} "
-            f"| {s['wall_s']:.0f} |")
+            f"| {s['wall_s']:.0f} | {s.get('train_s', float('nan')):.0f} |")
     return "\n".join(rows)
 
 
@@ -93,7 +93,37 @@ def render(summaries: list[dict], cfg_dict: dict) -> str:
     ops = ops_table(summaries)
     if ops:
         lines += ["", "Training OPs by part (forward + backward, measured; ratio: dense / arm):", "", ops]
+        note = ops_note(summaries)
+        if note:
+            lines += ["", note]
     return "\n".join(lines)
+
+
+ATTENTION_PARTS = ("attention", "projections", "lora")
+
+
+def ops_note(summaries: list[dict]) -> str:
+    """Why the whole-step OPs ratio is what it is: head pruning removes attention-side work only, so the
+    share of the step it cannot touch (feed-forward, embeddings, head) bounds the ratio (Amdahl)."""
+    base = next((s for s in summaries if s["arm"] == "dense"), None)
+    if base is None or not base.get("train_ops"):
+        return ""
+    b = base["train_ops_breakdown"]
+    if not all(k in b for k in ATTENTION_PARTS):
+        return ""
+    att = sum(b[k] for k in ATTENTION_PARTS)
+    rest = base["train_ops"] - att
+    out = [f"In the dense step, the attention block (attention core, q/k/v/o projections, LoRA) is "
+           f"{100 * att / base['train_ops']:.0f}% of the OPs; the rest ({100 * rest / base['train_ops']:.0f}%, mostly "
+           f"the feed-forward) does not depend on the heads. Even removing the whole attention block would give at "
+           f"most {base['train_ops'] / rest:.2f}x over the step."]
+    for s in summaries:
+        d = s.get("train_ops_breakdown", {})
+        if s is base or not all(k in d for k in ATTENTION_PARTS):
+            continue
+        a = sum(d[k] for k in ATTENTION_PARTS)
+        out.append(f"{s['arm']}: attention block {_ratio(att, a)} fewer OPs, whole step {_ratio(base['train_ops'], s['train_ops'])}.")
+    return " ".join(out)
 
 
 def write_json(path: Path, cfg_dict: dict, summaries: list[dict], rounds: list[dict], extra: dict | None = None) -> None:
