@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 
 import numpy as np
 import pytest
@@ -238,3 +239,27 @@ def test_extract_update_only_masks_modules_with_lora():
         peft_tools.extract_update(model, np.ones((3, 4), dtype=bool))
     with pytest.raises(ValueError, match="mode"):
         peft_tools.prune(model, a_mask(2), mode="half")
+
+
+@pytest.mark.parametrize("mode", ["freeze", "drop"])
+def test_training_steps_leave_no_graph_behind(mode):
+    """Every step's autograd graph is freed (it once leaked through state kept on the op's autograd context:
+    ~300 MB a client round on MiniLM in freeze mode)."""
+    import gc
+
+    pa = importlib.import_module("fedsparse.ops.pruned_attention")
+
+    model = lora_model("bert")
+    kw = batch("bert")
+    pruning = peft_tools.prune(model, a_mask(2), mode=mode)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    pruning.attach(opt)
+    for _ in range(3):
+        h, valid = out_and_valid("bert", model, kw)
+        loss(h, valid).backward()
+        opt.step()
+        opt.zero_grad()
+    del h, valid
+    gc.collect()
+    assert not [o for o in gc.get_objects() if type(o) is pa._CpuPlan]
+    pruning.restore()

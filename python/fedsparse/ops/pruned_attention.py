@@ -22,6 +22,7 @@ has both in registers; on CPU the row max comes from the native kernel ``fedspar
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -341,8 +342,11 @@ class _EagerCpu(torch.autograd.Function):
             (sq, sk, sv), dt = ctx.shapes, grad_out.dtype
             return (torch.zeros(sq, dtype=dt), torch.zeros(sk, dtype=dt), torch.zeros(sv, dtype=dt),
                     None, None, None, None, None)
-        p.q, p.k, p.v, p.o, p.lse, p.bias, p.qv = ctx.saved_tensors
-        dq, dk, dv = _cpu_backward_plan(p, grad_out, ctx.is_causal, ctx.scale)
+        # A local copy: tensors stored back on ctx.plan would tie the graph to itself (q's grad_fn -> this node
+        # -> ctx -> plan -> q), a cycle through C++ autograd nodes that the garbage collector cannot break.
+        q, k, v, o, lse, bias, qv = ctx.saved_tensors
+        full = dataclasses.replace(p, q=q, k=k, v=v, o=o, lse=lse, bias=bias, qv=qv)
+        dq, dk, dv = _cpu_backward_plan(full, grad_out, ctx.is_causal, ctx.scale)
         return dq, dk, dv, None, None, None, None, None
 
 
