@@ -28,7 +28,7 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_pack.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) build dist

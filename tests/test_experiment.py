@@ -109,11 +109,11 @@ def test_cli_flags_map_to_config():
     p = argparse.ArgumentParser()
     cli.add_arguments(p)
     args = p.parse_args(["--quick", "--rounds", "2", "--bits", "8", "--arms", "dense", "--no-progress",
-                         "--lr", "0.01", "--hetero", "--hetero-ranks", "8,2"])
+                         "--lr", "0.01", "--hetero", "--hetero-ranks", "8,2", "--topk", "0.5"])
     cfg = cli.config_from_args(args)
     assert (cfg.rounds, cfg.bits, cfg.arms, cfg.progress, cfg.lr, cfg.hetero, cfg.hetero_ranks) == \
         (2, 8, ["dense"], False, 0.01, True, [8, 2])
-    assert cfg.max_len == C.QUICK["max_len"]
+    assert cfg.max_len == C.QUICK["max_len"] and cfg.topk == 0.5
 
 
 # ---- accounting and report -------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ class ArmSpec:
     selection: str         # fedsparse.server.select_clients strategy
     freeze_lora_a: bool    # FFA-LoRA: lora_A stays at its shared-seed init, only lora_B trains and travels
     hetero: bool = False   # clients of several architectures, aggregated "multibranch"
+    topk: float = 1.0      # upload only this share (the largest) of tensors without a head mask
 
     @property
     def needs_loss_stats(self) -> bool:
@@ -34,12 +35,13 @@ def make_arm(name: str, cfg: RunConfig) -> ArmSpec:
                        mode="none", head_scope=cfg.head_scope, bits=32, aggregation="fedavg",
                        selection="random", freeze_lora_a=False, hetero=cfg.hetero)
     common = dict(prune=True, sparsity=cfg.sparsity, mode=cfg.mode, head_scope=cfg.head_scope, bits=cfg.bits,
-                  aggregation="headwise", selection="loss_gap", hetero=cfg.hetero)
+                  aggregation="headwise", selection="loss_gap", hetero=cfg.hetero, topk=cfg.topk)
     pct = round(100 * cfg.sparsity)
+    topk = f", top {100 * cfg.topk:g}% of unmasked tensors" if cfg.topk < 1 else ""
     if name == "fedsparse":
-        return ArmSpec(name, f"fedsparse ({pct}% heads {cfg.mode}, {cfg.bits}-bit, head-wise, loss-gap)",
+        return ArmSpec(name, f"fedsparse ({pct}% heads {cfg.mode}, {cfg.bits}-bit{topk}, head-wise, loss-gap)",
                        freeze_lora_a=False, **common)
     if name == "fedsparse_ffa":
-        return ArmSpec(name, f"fedsparse + FFA-LoRA (lora_A frozen, {pct}% heads {cfg.mode}, {cfg.bits}-bit)",
+        return ArmSpec(name, f"fedsparse + FFA-LoRA (lora_A frozen, {pct}% heads {cfg.mode}, {cfg.bits}-bit{topk})",
                        freeze_lora_a=True, **common)
     raise ValueError(f"unknown arm {name!r}")

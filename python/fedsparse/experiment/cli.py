@@ -12,7 +12,7 @@ _FLAGS = {
     "--max-len": "max_len", "--eval-examples": "eval_examples", "--rounds": "rounds",
     "--clients-per-round": "clients_per_round", "--local-steps": "local_steps", "--batch-size": "batch_size",
     "--lr": "lr", "--rank": "rank", "--sparsity": "sparsity", "--group-size": "group_size",
-    "--score-batches": "score_batches", "--explore": "explore", "--threads": "threads",
+    "--score-batches": "score_batches", "--topk": "topk", "--explore": "explore", "--threads": "threads",
 }
 
 

@@ -26,7 +26,7 @@ class RunConfig:
     clients_per_round: int = 3
     local_steps: int = 8
     batch_size: int = 16
-    lr: float = 3e-3
+    lr: float = 1e-2
     rank: int = 8                   # LoRA rank on query/key/value
     # fedsparse arms
     sparsity: float = 0.9           # share of heads pruned
@@ -34,6 +34,8 @@ class RunConfig:
     mode: str = "drop"              # pruned heads leave the forward pass ("drop") or only stop training ("freeze")
     bits: int = 4                   # upload quantization of the fedsparse arms (8 or 4)
     group_size: int = 64
+    topk: float = 0.25              # share of the elements of tensors without a head mask (lora_A, the
+                                    # classifier) that the fedsparse arms upload: the largest; 1: all
     score_batches: int = 1          # client batches scored (and losses taken) before local training
     explore: float = 0.1            # exploration share of loss-gap client selection
     arms: list = field(default_factory=lambda: list(ARMS))
@@ -60,6 +62,7 @@ class RunConfig:
         need(self.head_scope in ("global", "layer"), "head_scope must be 'global' or 'layer'")
         need(self.mode in ("drop", "freeze"), "mode must be 'drop' or 'freeze'")
         need(self.bits in (8, 4, 2, 16, 32), "bits must be one of 32, 16, 8, 4, 2")
+        need(0.0 < self.topk <= 1.0, "topk must be in (0, 1]")
         need(self.score_batches >= 1, "score_batches must be >= 1")
         need(self.eval_examples >= 0, "eval_examples must be >= 0")
         bad = [a for a in self.arms if a not in ARMS]

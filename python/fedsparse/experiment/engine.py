@@ -243,7 +243,8 @@ class ArmRunner:
         delta = {n: v - start[n] for n, v in update.items()}
         if hm:
             hm = {m: v for m, v in hm.items() if any(n.startswith(m + ".") for n in delta)}
-        payload = pack(delta, head_mask=hm or None, bits=arm.bits, group_size=cfg.group_size, metadata=meta)
+        payload = pack(delta, head_mask=hm or None, bits=arm.bits, group_size=cfg.group_size,
+                       topk=arm.topk if arm.topk < 1 else None, metadata=meta)
         info["ops"] = ops
         return payload, info
 
@@ -379,7 +380,6 @@ def run_arm(fed: Federation, arm: ArmSpec, *, progress: bool = True) -> ArmResul
     runner = ArmRunner(fed, arm)
     result = ArmResult(arm)
     cum_up = cum_down = 0
-    cum_ops: dict[str, float] = {}
     bar = tqdm(total=cfg.rounds * cfg.clients_per_round, desc=arm.name, unit="client", disable=not progress,
                leave=True, dynamic_ncols=True)
     try:
@@ -413,8 +413,6 @@ def run_arm(fed: Federation, arm: ArmSpec, *, progress: bool = True) -> ArmResul
                         pruned[fed.branches[b].name] = runner.evaluate(b, mask)[0]
             cum_up += sum(up)
             cum_down += sum(down)
-            for k, v in round_ops.items():
-                cum_ops[k] = cum_ops.get(k, 0.0) + v
             row = {"arm": arm.name, "round": rnd, "selected": [int(c) for c in selected],
                    "upload_bytes": int(sum(up)), "download_bytes": int(sum(down)),
                    "cum_upload_bytes": int(cum_up), "cum_download_bytes": int(cum_down),
@@ -429,17 +427,30 @@ def run_arm(fed: Federation, arm: ArmSpec, *, progress: bool = True) -> ArmResul
             bar.set_postfix(acc=f"{acc:.3f}", up=_human_bytes(cum_up))
     finally:
         bar.close()
-    accs = [r["test_acc"] for r in result.rounds]
-    result.summary = {"arm": arm.name, "label": arm.label, "best_acc": max(accs), "final_acc": accs[-1],
-                      "upload_bytes": int(cum_up), "download_bytes": int(cum_down),
-                      "train_ops": cum_ops.get("total", 0.0), "train_ops_breakdown": cum_ops,
-                      "wall_s": time.perf_counter() - t0,
-                      "train_s": float(sum(c["train_s"] for r in result.rounds for c in r["clients"]))}
-    pruned_accs = [r["test_acc_pruned"] for r in result.rounds if r["test_acc_pruned"] is not None]
-    if pruned_accs:
-        result.summary.update(best_acc_pruned=max(pruned_accs), final_acc_pruned=pruned_accs[-1])
-    result.summary["final_by_branch"] = result.rounds[-1]["test_by_branch"]
+    result.summary = summarize(arm, result.rounds, wall_s=time.perf_counter() - t0)
     return result
+
+
+LAST_ROUNDS = 5  # the steady-state accuracy: mean over this many last rounds
+
+
+def summarize(arm: ArmSpec, rounds: list[dict], *, wall_s: float) -> dict:
+    """An arm's summary from its rows of rounds (the same for both engines)."""
+    accs = [r["test_acc"] for r in rounds]
+    cum_ops: dict[str, float] = {}
+    for r in rounds:
+        for k, v in r["train_ops_breakdown"].items():
+            cum_ops[k] = cum_ops.get(k, 0.0) + v
+    summary = {"arm": arm.name, "label": arm.label, "best_acc": max(accs), "final_acc": accs[-1],
+               "last_acc": float(np.mean(accs[-LAST_ROUNDS:])), "last_rounds": min(LAST_ROUNDS, len(accs)),
+               "upload_bytes": int(rounds[-1]["cum_upload_bytes"]), "download_bytes": int(rounds[-1]["cum_download_bytes"]),
+               "train_ops": cum_ops.get("total", 0.0), "train_ops_breakdown": cum_ops, "wall_s": wall_s,
+               "train_s": float(sum(c.get("train_s", 0.0) for r in rounds for c in r["clients"]))}
+    pruned_accs = [r["test_acc_pruned"] for r in rounds if r.get("test_acc_pruned") is not None]
+    if pruned_accs:
+        summary.update(best_acc_pruned=max(pruned_accs), final_acc_pruned=pruned_accs[-1])
+    summary["final_by_branch"] = rounds[-1]["test_by_branch"]
+    return summary
 
 
 def _human_bytes(n: float) -> str:

@@ -31,14 +31,16 @@ def _ratio(base: float, x: float) -> str:
 def summary_table(summaries: list[dict]) -> str:
     """A Markdown table, one row per arm; ratios are the dense baseline's figure over the arm's."""
     base = next((s for s in summaries if s["arm"] == "dense"), None)
-    head = ("| arm | best acc | final acc | final acc, pruned inference | uploaded | up vs dense | downloaded "
+    last = max((s.get("last_rounds", 1) for s in summaries), default=1)
+    head = (f"| arm | best acc | final acc | mean acc, last {last} rounds | final acc, pruned inference | uploaded | up vs dense | downloaded "
             "| down vs dense | train OPs | OPs vs dense | wall s | local training s |")
-    rows = [head, "|" + "---|" * 12]
+    rows = [head, "|" + "---|" * 13]
     for s in summaries:
         b = base or {}
         pruned = f"{100 * s['final_acc_pruned']:.1f}%" if s.get("final_acc_pruned") is not None else "-"
         rows.append(
-            f"| {s['arm']} | {100 * s['best_acc']:.1f}% | {100 * s['final_acc']:.1f}% | {pruned} "
+            f"| {s['arm']} | {100 * s['best_acc']:.1f}% | {100 * s['final_acc']:.1f}% "
+            f"| {100 * s.get('last_acc', s['final_acc']):.1f}% | {pruned} "
             f"| {fmt_bytes(s['upload_bytes'])} | {_ratio(b.get('upload_bytes', 0), s['upload_bytes'])} "
             f"| {fmt_bytes(s['download_bytes'])} | {_ratio(b.get('download_bytes', 0), s['download_bytes'])} "
             f"| {fmt_ops(s['train_ops'])} | {_ratio(b.get('train_ops', 0), s['train_ops'])} "

@@ -69,7 +69,6 @@ class ExperimentStrategy(FedSparse):
         self.rows: list[dict] = []
         self.t0 = time.perf_counter()
         self.cum_up = self.cum_down = 0
-        self.cum_ops: dict = {}
         self._selected: list = []
 
     def client_nodes(self, grid: Grid) -> dict:
@@ -140,8 +139,6 @@ class ExperimentStrategy(FedSparse):
         acc = sum(a for a, _ in evals.values()) / len(evals)
         self.cum_up += sum(up)
         self.cum_down += sum(down)
-        for k, v in round_ops.items():
-            self.cum_ops[k] = self.cum_ops.get(k, 0.0) + v
         self.rows.append({
             "arm": self.arm.name, "round": server_round, "selected": list(self._selected),
             "upload_bytes": int(sum(up)), "download_bytes": int(sum(down)),
@@ -155,11 +152,9 @@ class ExperimentStrategy(FedSparse):
             sum(down))
 
     def arm_summary(self) -> dict:
-        accs = [r["test_acc"] for r in self.rows]
-        return {"arm": self.arm.name, "label": self.arm.label, "best_acc": max(accs), "final_acc": accs[-1],
-                "upload_bytes": int(self.cum_up), "download_bytes": int(self.cum_down),
-                "train_ops": self.cum_ops.get("total", 0.0), "train_ops_breakdown": dict(self.cum_ops),
-                "wall_s": time.perf_counter() - self.t0}
+        from ..experiment.engine import summarize
+
+        return summarize(self.arm, self.rows, wall_s=time.perf_counter() - self.t0)
 
 
 server_app = ServerApp()
