@@ -355,4 +355,3 @@ def test_cpu_buffer_cache_never_hands_out_a_live_buffer():
     del view, c
     _pool.empty_cache()
     assert all(not bufs for bufs in _pool._buffers.values())
-
