@@ -22,7 +22,7 @@ $(STAMP): $(SOURCES)
 install: $(STAMP)
 
 run: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/fedsparse pack-demo
+	HF_HUB_OFFLINE=1 $(BIN)/fedsparse run $(ARGS)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
