@@ -394,13 +394,9 @@ def run_arm(fed: Federation, arm: ArmSpec, *, progress: bool = True) -> ArmResul
                 b = fed.client_branch[cid]
                 payload, info = runner.client_round(cid, rnd, downloads[b])
                 by_branch.setdefault(b, []).append(payload)
-                info["upload_bytes"] = len(payload)
-                info["download_bytes"] = len(downloads[b])
+                clients.append(account_client(info, payload, downloads[b], round_ops))
                 up.append(len(payload))
                 down.append(len(downloads[b]))
-                for k, v in info.pop("ops").items():
-                    round_ops[k] = round_ops.get(k, 0.0) + v
-                clients.append(info)
                 bar.update(1)
             server_info = runner.server_round(rnd, by_branch)
             evals = {fed.branches[b].name: runner.evaluate(b) for b in range(len(fed.branches))}
@@ -429,6 +425,15 @@ def run_arm(fed: Federation, arm: ArmSpec, *, progress: bool = True) -> ArmResul
         bar.close()
     result.summary = summarize(arm, result.rounds, wall_s=time.perf_counter() - t0)
     return result
+
+
+def account_client(info: dict, payload: bytes, download: bytes, round_ops: dict[str, float]) -> dict:
+    """A client's row of a round (both engines): its measured bytes, its OPs folded into round_ops."""
+    info["upload_bytes"] = len(payload)
+    info["download_bytes"] = len(download)
+    for k, v in info.pop("ops").items():
+        round_ops[k] = round_ops.get(k, 0.0) + v
+    return info
 
 
 LAST_ROUNDS = 5  # the steady-state accuracy: mean over this many last rounds

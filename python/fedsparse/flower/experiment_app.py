@@ -113,6 +113,8 @@ class ExperimentStrategy(FedSparse):
         return super().aggregate_train(server_round, replies)
 
     def fold(self, server_round: int, cids: list, payloads: list, metrics: list, **_) -> None:
+        from ..experiment.engine import account_client
+
         fed, runner = self.fed, self.runner
         by_cid = dict(zip(cids, payloads))
         missing = [c for c in self._selected if c not in by_cid]
@@ -126,14 +128,9 @@ class ExperimentStrategy(FedSparse):
             b = fed.client_branch[cid]
             payload = by_cid[cid]
             by_branch.setdefault(b, []).append(payload)
-            info = dict(self._infos[cid])
-            info["upload_bytes"] = len(payload)
-            info["download_bytes"] = len(downloads[b])
+            clients.append(account_client(dict(self._infos[cid]), payload, downloads[b], round_ops))
             up.append(len(payload))
             down.append(len(downloads[b]))
-            for k, v in info.pop("ops").items():
-                round_ops[k] = round_ops.get(k, 0.0) + v
-            clients.append(info)
         server_info = runner.server_round(server_round, by_branch)
         evals = {fed.branches[b].name: runner.evaluate(b) for b in range(len(fed.branches))}
         acc = sum(a for a, _ in evals.values()) / len(evals)
