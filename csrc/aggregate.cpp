@@ -24,7 +24,7 @@
 #include "common.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FS_AGG_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))  // AVX2 + FMA
+#define FS_AGG_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))  // AVX-512, AVX2
 #else
 #define FS_AGG_HOT
 #endif
@@ -42,7 +42,8 @@ enum Col { cKind, cRows, cCols, cHeads, cMaskOff, cKept, cBits, cDataOff, cDataB
 // wsum_mode: one slot for the tensor (dense entries), one per head (head entries), one per element (any).
 enum WsumMode { kPerTensor = 0, kPerHead = 1, kPerElement = 2 };
 constexpr int64_t kSerialBelow = 1 << 15;  // kept elements per payload; below, threads cost more than they save
-constexpr int64_t kChunk = 2048;           // elements per work item (a multiple of every group size < 2048)
+constexpr int64_t kChunk = 2048;
+constexpr int64_t kPrefetch = 4096;        // bytes of codes fetched ahead of the multiply-add           // elements per work item (a multiple of every group size < 2048)
 
 int64_t values_nbytes(int64_t n, int bits, int64_t gs) {
   if (bits == 32) return 4 * n;
@@ -293,6 +294,7 @@ FS_AGG_HOT void run_u8(const Tensor& t, int64_t k0, int64_t cnt, int64_t gs, flo
     const int64_t g = k >> shift;
     const int64_t take = std::min(std::min(t.seg_len - off, ((g + 1) << shift) - k), end - k);
     const float f = f16_to_f32(load_u16le(scales + 2 * g)) * tstep * wu;
+    __builtin_prefetch(codes + k + kPrefetch);
     if (take == 64) fma_u8_fixed<64>(t.acc + start + off, codes + k, f);  // the usual piece: no loop tail
     else fma_u8(t.acc + start + off, codes + k, take, f);
     k += take;

@@ -2,6 +2,7 @@
 // docs/wire-format.md the spec. The bytes are hostile: every read goes through Reader, which checks the
 // bound first; sizes are computed in int64 with explicit caps so nothing overflows; a malformed payload
 // raises ValueError (turned into fedsparse.PayloadError by the caller) and nothing else.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <array>
@@ -25,30 +26,40 @@ struct ParseError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// Every read names its field for the error message, which is built only when a check fails (a well-formed
+// payload costs no string work): "<field>" alone, "tensor #<i><field>" while reading tensor i's header,
+// "<field>'<name>'" for its mask and values.
 struct Reader {
   const uint8_t* buf;
   int64_t pos, end;
+  int64_t tensor = -1;                // header of tensor #tensor being read, or -1
+  const std::string* name = nullptr;  // the tensor whose mask / values are being read
 
-  int64_t take(int64_t n, const std::string& what) {
+  std::string where(const char* field) const {
+    if (name) return field + ("'" + *name + "'");
+    if (tensor >= 0) return "tensor #" + std::to_string(tensor) + field;
+    return field;
+  }
+  int64_t take(int64_t n, const char* field) {
     if (n < 0 || n > end - pos)
-      throw ParseError("truncated payload: " + what + " needs " + std::to_string(n) + " bytes at offset " +
+      throw ParseError("truncated payload: " + where(field) + " needs " + std::to_string(n) + " bytes at offset " +
                        std::to_string(pos) + ", " + std::to_string(end - pos) + " left");
     const int64_t start = pos;
     pos += n;
     return start;
   }
-  uint8_t u8(const std::string& what) { return buf[take(1, what)]; }
-  int64_t varint(const std::string& what, int64_t limit) {
+  uint8_t u8(const char* field) { return buf[take(1, field)]; }
+  int64_t varint(const char* field, int64_t limit) {
     uint64_t value = 0;
     int shift = 0;
     while (true) {
-      const uint8_t b = u8(what);
+      const uint8_t b = u8(field);
       value |= uint64_t(b & 0x7f) << shift;
       if (!(b & 0x80)) break;
       shift += 7;
-      if (shift > 35) throw ParseError("malformed varint for " + what);
+      if (shift > 35) throw ParseError("malformed varint for " + where(field));
     }
-    if (value > uint64_t(limit)) throw ParseError(what + " = " + std::to_string(value) + " exceeds the limit");
+    if (value > uint64_t(limit)) throw ParseError(where(field) + " = " + std::to_string(value) + " exceeds the limit");
     return int64_t(value);
   }
 };
@@ -66,29 +77,38 @@ int64_t values_nbytes(int64_t n, int bits, int64_t gs) {
   return 4 + 2 * ((n + gs - 1) / gs) + (n * bits + 7) / 8;
 }
 
-void check_values(const uint8_t* p, int64_t n_kept, int bits, int64_t gs, const std::string& label) {
+// Group scales are float16 in [0, 1] (or -0): checked on the bits, so the loop vectorizes.
+bool scales_ok(const uint8_t* p, int64_t g) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < g; ++i) {
+    uint16_t h;
+    std::memcpy(&h, p + 2 * i, 2);  // little-endian host (checked in quant.cpp)
+    bad |= uint32_t(h > 0x3c00) & uint32_t(h != 0x8000);
+  }
+  return !bad;
+}
+
+void check_values(const uint8_t* p, int64_t n_kept, int bits, int64_t gs, const std::string& name) {
+  const auto label = [&] { return "'" + name + "'"; };
   if (bits == 32) {
     for (int64_t i = 0; i < n_kept; ++i)
-      if (!std::isfinite(load_f32le(p + 4 * i))) throw ParseError("values of " + label + " contain NaN or Inf");
+      if (!std::isfinite(load_f32le(p + 4 * i))) throw ParseError("values of " + label() + " contain NaN or Inf");
     return;
   }
   if (bits == 16) {
     for (int64_t i = 0; i < n_kept; ++i)
-      if ((load_u16le(p + 2 * i) & 0x7c00) == 0x7c00) throw ParseError("values of " + label + " contain NaN or Inf");
+      if ((load_u16le(p + 2 * i) & 0x7c00) == 0x7c00) throw ParseError("values of " + label() + " contain NaN or Inf");
     return;
   }
   const float tstep = load_f32le(p);
   // Decoded values are at most 2**(bits-1) * tstep (a hostile code may be one past qmax): keep that finite.
   if (!(tstep >= 0.f && std::isfinite(tstep * float(1 << (bits - 1)))))
-    throw ParseError("values of " + label + ": tensor scale is not a finite non-negative number small enough to decode");
+    throw ParseError("values of " + label() + ": tensor scale is not a finite non-negative number small enough to decode");
   const int64_t g = (n_kept + gs - 1) / gs;
-  for (int64_t i = 0; i < g; ++i) {
-    const float s = f16_to_f32(load_u16le(p + 4 + 2 * i));
-    if (!(s >= 0.f && s <= 1.f)) throw ParseError("values of " + label + ": group scales outside [0, 1] or NaN");
-  }
+  if (!scales_ok(p + 4, g)) throw ParseError("values of " + label() + ": group scales outside [0, 1] or NaN");
   const int64_t nbytes = (n_kept * bits + 7) / 8, used = (n_kept * bits) % 8;
   if (used && (p[4 + 2 * g + nbytes - 1] >> used))
-    throw ParseError("codes of " + label + " have non-zero padding bits");
+    throw ParseError("codes of " + label() + " have non-zero padding bits");
 }
 
 struct Head {
@@ -100,115 +120,196 @@ struct Head {
   int64_t numel;
 };
 
-py::tuple parse(const py::buffer& payload, int64_t max_elements) {
-  py::buffer_info info = payload.request();
-  const uint8_t* buf = static_cast<const uint8_t*>(info.ptr);
-  const int64_t n = int64_t(info.size * info.itemsize);
+py::tuple entry_tuple(const Head& h, const std::array<int64_t, 5>& s) {
+  py::tuple shape(h.shape.size());
+  for (size_t d = 0; d < h.shape.size(); ++d) shape[d] = h.shape[d];
+  return py::make_tuple(py::bytes(h.name), h.dtype, h.bits, h.kind, h.is_meta, h.n_heads, shape, s[0], s[1], s[2], s[3],
+                        s[4]);
+}
+
+struct Parsed {
+  int64_t version = 0, group_size = 0, meta_offset = 0, meta_len = 0, table_end = 0;
   std::vector<Head> heads;
-  std::vector<py::tuple> out_entries;
-  int64_t group_size = 0, meta_offset = 0, meta_len = 0, version = 0;
   std::vector<std::array<int64_t, 5>> spans;  // mask_offset, mask_nbits, n_kept, data_offset, data_nbytes
+};
+
+// The parser proper: no Python, so it runs without the GIL and in parallel. verify=false skips the CRC and
+// the value checks (for re-reading the table of a payload already verified); bounds are always checked.
+void parse_into(const uint8_t* buf, int64_t n, int64_t max_elements, bool verify, Parsed& out) {
+  auto& heads = out.heads;
+  auto& spans = out.spans;
+  int64_t& group_size = out.group_size;
+  int64_t& meta_offset = out.meta_offset;
+  int64_t& meta_len = out.meta_len;
+  int64_t& version = out.version;
+  int64_t& table_end = out.table_end;
+  if (n < kHeaderSize + kCrcSize)
+    throw ParseError("truncated payload: " + std::to_string(n) + " bytes, a payload has at least 24");
+  if (std::memcmp(buf, "FSPK", 4) != 0) throw ParseError("bad magic: not a fedsparse payload");
+  version = load_u16le(buf + 4);
+  if (version != 1) throw ParseError("unsupported payload version " + std::to_string(version));
+  if (verify && crc32(buf, n - kCrcSize) != load_u32le(buf + n - kCrcSize))
+    throw ParseError("CRC mismatch: payload corrupted or truncated");
+  if (load_u16le(buf + 6) != 0) throw ParseError("unknown header flags");
+  group_size = load_u32le(buf + 8);
+  const int64_t n_tensors = load_u32le(buf + 12);
+  meta_len = load_u32le(buf + 16);
+  if (group_size < kMinGroup || group_size > kMaxGroup || (group_size & (group_size - 1)))
+    throw ParseError("group_size " + std::to_string(group_size) + " is not a power of two in [16, 65536]");
+  if (n_tensors > kMaxTensors) throw ParseError("too many tensors: " + std::to_string(n_tensors));
+  if (meta_len > kMaxMetaBytes) throw ParseError("metadata exceeds the limit");
+  Reader r{buf, kHeaderSize, n - kCrcSize};
+  meta_offset = r.take(meta_len, "metadata");
+
+  std::string prev;
+  int64_t total = 0;
+  for (int64_t i = 0; i < n_tensors; ++i) {
+    r.tensor = i;
+    const auto what = [i] { return "tensor #" + std::to_string(i); };
+    Head h;
+    const int64_t prefix = r.varint(" name prefix", int64_t(prev.size()));
+    const int64_t suffix = r.varint(" name length", kMaxNameBytes - prefix);
+    const int64_t at = r.take(suffix, " name");
+    h.name.assign(prev, 0, size_t(prefix));
+    h.name.append(reinterpret_cast<const char*>(buf + at), size_t(suffix));
+    if (h.name.empty()) throw ParseError(what() + " has an empty name");
+    prev = h.name;
+    h.dtype = r.u8(" dtype");
+    h.bits = r.u8(" bits");
+    const int flags = r.u8(" flags");
+    if (h.dtype > 3) throw ParseError(what() + ": unknown dtype code");
+    if (h.bits != 32 && h.bits != 16 && h.bits != 8 && h.bits != 4 && h.bits != 2)
+      throw ParseError(what() + ": unsupported bit width " + std::to_string(h.bits));
+    if (flags & ~0x7) throw ParseError(what() + ": unknown flags");
+    h.kind = flags & 0x3;
+    h.is_meta = flags & 0x4;
+    h.n_heads = r.varint(" n_heads", kMaxDim);
+    const int ndim = r.u8(" ndim");
+    if (ndim > kMaxNdim) throw ParseError(what() + ": too many dimensions");
+    h.numel = 1;
+    bool zero = false;
+    for (int d = 0; d < ndim; ++d) {
+      const int64_t dim = r.varint(" dim", kMaxDim);
+      h.shape.push_back(dim);
+      zero |= dim == 0;
+      // Cap as we multiply so the product never overflows; a zero dim anywhere makes numel 0.
+      if (!zero) h.numel = dim > 0 && h.numel > (max_elements + 1) / dim ? max_elements + 1 : h.numel * dim;
+    }
+    if (zero) h.numel = 0;
+    total += h.numel;
+    if (total > max_elements) throw ParseError(what() + ": declared shapes exceed the element cap");
+    if (h.kind == 1 || h.kind == 2) {
+      if (ndim == 0 || h.n_heads == 0)
+        throw ParseError(what() + ": head sparsity needs a tensor of rank >= 1 and n_heads >= 1");
+      const int64_t head_dim = h.kind == 1 ? h.shape.front() : h.shape.back();
+      if (head_dim % h.n_heads) throw ParseError(what() + ": heads do not divide the shape");
+    } else if (h.n_heads != 0) {
+      throw ParseError(what() + ": n_heads given for a tensor without head sparsity");
+    }
+    heads.push_back(std::move(h));
+  }
+
+  table_end = r.pos;
+  for (const Head& h : heads) {
+    r.name = &h.name;
+    const int64_t nbits = (h.kind == 1 || h.kind == 2) ? h.n_heads : (h.kind == 3 ? h.numel : 0);
+    const int64_t mask_offset = r.take((nbits + 7) / 8, "mask of ");
+    if (nbits % 8 && (buf[mask_offset + nbits / 8] >> (nbits % 8)))
+      throw ParseError("mask of '" + h.name + "' has non-zero padding bits");
+    const int64_t kept = popcount_bits(buf + mask_offset, nbits);
+    const int64_t n_kept = h.kind == 0 ? h.numel : (h.kind == 3 ? kept : kept * (h.numel / h.n_heads));
+    const int64_t size = values_nbytes(n_kept, h.bits, group_size);
+    const int64_t data_offset = r.take(size, "values of ");
+    if (verify) check_values(buf + data_offset, n_kept, h.bits, group_size, h.name);
+    spans.push_back({mask_offset, nbits, n_kept, data_offset, size});
+  }
+  if (r.pos != r.end)
+    throw ParseError(std::to_string(r.end - r.pos) + " bytes of trailing garbage after the last tensor");
+}
+
+// compact=false: (version, group_size, meta_offset, meta_len, entries) with a tuple per entry. compact=true:
+// (version, group_size, meta_offset, meta_len, table_end, spans int64 [n, 5] of (mask_offset, n_kept, bits,
+// data_offset, data_nbytes), [(index, entry tuple) of the metadata entries only]): a server that has seen the
+// same table before needs nothing more.
+py::tuple to_python(const Parsed& p, bool compact) {
+  const auto& heads = p.heads;
+  const auto& spans = p.spans;
+  py::list entries;
+  if (!compact) {
+    for (size_t i = 0; i < heads.size(); ++i) entries.append(entry_tuple(heads[i], spans[i]));
+    return py::make_tuple(p.version, p.group_size, p.meta_offset, p.meta_len, entries);
+  }
+  py::array_t<int64_t> table({py::ssize_t(heads.size()), py::ssize_t(5)});
+  int64_t* t = table.mutable_data();
+  for (size_t i = 0; i < heads.size(); ++i) {
+    const auto& s = spans[i];
+    t[5 * i + 0] = s[0];
+    t[5 * i + 1] = s[2];
+    t[5 * i + 2] = heads[i].bits;
+    t[5 * i + 3] = s[3];
+    t[5 * i + 4] = s[4];
+    if (heads[i].is_meta) entries.append(py::make_tuple(i, entry_tuple(heads[i], s)));
+  }
+  return py::make_tuple(p.version, p.group_size, p.meta_offset, p.meta_len, p.table_end, table, entries);
+}
+
+
+py::tuple parse(const py::buffer& payload, int64_t max_elements, bool verify, bool compact) {
+  py::buffer_info info = payload.request();
+  Parsed p;
   try {
     py::gil_scoped_release nogil;
-    if (n < kHeaderSize + kCrcSize)
-      throw ParseError("truncated payload: " + std::to_string(n) + " bytes, a payload has at least 24");
-    if (std::memcmp(buf, "FSPK", 4) != 0) throw ParseError("bad magic: not a fedsparse payload");
-    version = load_u16le(buf + 4);
-    if (version != 1) throw ParseError("unsupported payload version " + std::to_string(version));
-    if (crc32(buf, n - kCrcSize) != load_u32le(buf + n - kCrcSize))
-      throw ParseError("CRC mismatch: payload corrupted or truncated");
-    if (load_u16le(buf + 6) != 0) throw ParseError("unknown header flags");
-    group_size = load_u32le(buf + 8);
-    const int64_t n_tensors = load_u32le(buf + 12);
-    meta_len = load_u32le(buf + 16);
-    if (group_size < kMinGroup || group_size > kMaxGroup || (group_size & (group_size - 1)))
-      throw ParseError("group_size " + std::to_string(group_size) + " is not a power of two in [16, 65536]");
-    if (n_tensors > kMaxTensors) throw ParseError("too many tensors: " + std::to_string(n_tensors));
-    if (meta_len > kMaxMetaBytes) throw ParseError("metadata exceeds the limit");
-    Reader r{buf, kHeaderSize, n - kCrcSize};
-    meta_offset = r.take(meta_len, "metadata");
-
-    std::string prev;
-    int64_t total = 0;
-    for (int64_t i = 0; i < n_tensors; ++i) {
-      const std::string what = "tensor #" + std::to_string(i);
-      Head h;
-      const int64_t prefix = r.varint(what + " name prefix", int64_t(prev.size()));
-      const int64_t suffix = r.varint(what + " name length", kMaxNameBytes - prefix);
-      const int64_t at = r.take(suffix, what + " name");
-      h.name = prev.substr(0, size_t(prefix)) + std::string(reinterpret_cast<const char*>(buf + at), size_t(suffix));
-      if (h.name.empty()) throw ParseError(what + " has an empty name");
-      prev = h.name;
-      h.dtype = r.u8(what + " dtype");
-      h.bits = r.u8(what + " bits");
-      const int flags = r.u8(what + " flags");
-      if (h.dtype > 3) throw ParseError(what + ": unknown dtype code");
-      if (h.bits != 32 && h.bits != 16 && h.bits != 8 && h.bits != 4 && h.bits != 2)
-        throw ParseError(what + ": unsupported bit width " + std::to_string(h.bits));
-      if (flags & ~0x7) throw ParseError(what + ": unknown flags");
-      h.kind = flags & 0x3;
-      h.is_meta = flags & 0x4;
-      h.n_heads = r.varint(what + " n_heads", kMaxDim);
-      const int ndim = r.u8(what + " ndim");
-      if (ndim > kMaxNdim) throw ParseError(what + ": too many dimensions");
-      h.numel = 1;
-      bool zero = false;
-      for (int d = 0; d < ndim; ++d) {
-        const int64_t dim = r.varint(what + " dim", kMaxDim);
-        h.shape.push_back(dim);
-        zero |= dim == 0;
-        // Cap as we multiply so the product never overflows; a zero dim anywhere makes numel 0.
-        if (!zero) h.numel = dim > 0 && h.numel > (max_elements + 1) / dim ? max_elements + 1 : h.numel * dim;
-      }
-      if (zero) h.numel = 0;
-      total += h.numel;
-      if (total > max_elements) throw ParseError(what + ": declared shapes exceed the element cap");
-      if (h.kind == 1 || h.kind == 2) {
-        if (ndim == 0 || h.n_heads == 0)
-          throw ParseError(what + ": head sparsity needs a tensor of rank >= 1 and n_heads >= 1");
-        const int64_t head_dim = h.kind == 1 ? h.shape.front() : h.shape.back();
-        if (head_dim % h.n_heads) throw ParseError(what + ": heads do not divide the shape");
-      } else if (h.n_heads != 0) {
-        throw ParseError(what + ": n_heads given for a tensor without head sparsity");
-      }
-      heads.push_back(std::move(h));
-    }
-
-    for (const Head& h : heads) {
-      const std::string label = "'" + h.name + "'";
-      const int64_t nbits = (h.kind == 1 || h.kind == 2) ? h.n_heads : (h.kind == 3 ? h.numel : 0);
-      const int64_t mask_offset = r.take((nbits + 7) / 8, "mask of " + label);
-      if (nbits % 8 && (buf[mask_offset + nbits / 8] >> (nbits % 8)))
-        throw ParseError("mask of " + label + " has non-zero padding bits");
-      const int64_t kept = popcount_bits(buf + mask_offset, nbits);
-      const int64_t n_kept = h.kind == 0 ? h.numel : (h.kind == 3 ? kept : kept * (h.numel / h.n_heads));
-      const int64_t size = values_nbytes(n_kept, h.bits, group_size);
-      const int64_t data_offset = r.take(size, "values of " + label);
-      check_values(buf + data_offset, n_kept, h.bits, group_size, label);
-      spans.push_back({mask_offset, nbits, n_kept, data_offset, size});
-    }
-    if (r.pos != r.end)
-      throw ParseError(std::to_string(r.end - r.pos) + " bytes of trailing garbage after the last tensor");
+    parse_into(static_cast<const uint8_t*>(info.ptr), int64_t(info.size * info.itemsize), max_elements, verify, p);
   } catch (const ParseError& e) {
     throw py::value_error(e.what());
   }
-  py::list entries;
-  for (size_t i = 0; i < heads.size(); ++i) {
-    const Head& h = heads[i];
-    py::tuple shape(h.shape.size());
-    for (size_t d = 0; d < h.shape.size(); ++d) shape[d] = h.shape[d];
-    const auto& s = spans[i];
-    entries.append(py::make_tuple(py::bytes(h.name), h.dtype, h.bits, h.kind, h.is_meta, h.n_heads, shape, s[0],
-                                  s[1], s[2], s[3], s[4]));
+  return to_python(p, compact);
+}
+
+// Several payloads verified in parallel (the CRC is most of the work), each returned as parse(compact=True)
+// does, or as the error message (str) of that payload: the caller decides which error to raise first.
+py::list parse_many(const py::sequence& payloads, int64_t max_elements) {
+  const size_t n = py::len(payloads);
+  std::vector<py::buffer_info> views;
+  views.reserve(n);
+  for (size_t i = 0; i < n; ++i) views.push_back(py::buffer(payloads[i]).request());
+  std::vector<Parsed> parsed(n);
+  std::vector<std::string> errors(n);
+  {
+    py::gil_scoped_release nogil;
+    int64_t total = 0;
+    for (const auto& v : views) total += int64_t(v.size * v.itemsize);
+#pragma omp parallel for schedule(dynamic, 1) if (n > 1 && total > (int64_t(1) << 20))
+    for (int64_t i = 0; i < int64_t(n); ++i) {
+      try {
+        const auto& v = views[size_t(i)];
+        parse_into(static_cast<const uint8_t*>(v.ptr), int64_t(v.size * v.itemsize), max_elements, true,
+                   parsed[size_t(i)]);
+      } catch (const std::exception& e) {  // ParseError, or bad_alloc on a hostile table
+        errors[size_t(i)] = e.what();
+        if (errors[size_t(i)].empty()) errors[size_t(i)] = "malformed payload";
+      }
+    }
   }
-  return py::make_tuple(version, group_size, meta_offset, meta_len, entries);
+  py::list out;
+  for (size_t i = 0; i < n; ++i) {
+    if (errors[i].empty()) out.append(to_python(parsed[i], true));
+    else out.append(py::str(errors[i]));
+  }
+  return out;
 }
 
 }  // namespace
 }  // namespace fedsparse
 
 void init_wire(py::module_& m) {
-  m.def("parse_payload", &fedsparse::parse, py::arg("payload"), py::arg("max_elements"),
+  m.def("parse_payload", &fedsparse::parse, py::arg("payload"), py::arg("max_elements"), py::arg("verify") = true,
+        py::arg("compact") = false,
         "Validate a payload and return (version, group_size, meta_offset, meta_len, entries); raises "
-        "ValueError on anything malformed.");
+        "ValueError on anything malformed. compact=True: (version, group_size, meta_offset, meta_len, table_end, "
+        "spans int64 [n, 5] = (mask_offset, n_kept, bits, data_offset, data_nbytes), [(index, entry) of the "
+        "metadata entries]). verify=False: skip the CRC and value checks (bounds are still checked).");
+  m.def("parse_payloads", &fedsparse::parse_many, py::arg("payloads"), py::arg("max_elements"),
+        "parse_payload(p, max_elements, compact=True) of each payload, verified in parallel; a payload that fails "
+        "gives its error message (str) in its place.");
 }

@@ -9,7 +9,8 @@ import fedsparse
 pytestmark = pytest.mark.skipif(not fedsparse.has_native(), reason="native module not built")
 
 
-@pytest.mark.parametrize("n", [0, 1, 7, 15, 16, 17, 63, 64, 65, 79, 80, 127, 128, 129, 1000, 4096, 65537, 1 << 20])
+@pytest.mark.parametrize("n", [0, 1, 7, 15, 16, 17, 63, 64, 65, 79, 80, 127, 128, 129, 511, 512, 513, 767, 768, 784, 1000, 1023,
+                               4096, 4111, 65537, 1 << 20])
 def test_matches_zlib(n):
     from fedsparse import _C
 

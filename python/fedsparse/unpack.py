@@ -22,11 +22,15 @@ def parse_layout(payload, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Layout:
         version, group_size, meta_offset, meta_len, raw = native.parse_payload(payload, max_elements)
     except ValueError as exc:
         raise PayloadError(str(exc)) from None
+    return Layout(version, group_size, meta_offset, meta_len, entries_from_native(raw))
+
+
+def entries_from_native(raw) -> tuple:
+    """Entry objects from the native parser's entry tuples (names as UTF-8 bytes, dtype codes)."""
     try:
-        entries = tuple(Entry._make((t[0].decode("utf-8"), DTYPE_NAMES[t[1]]) + t[2:]) for t in raw)
+        return tuple(Entry._make((t[0].decode("utf-8"), DTYPE_NAMES[t[1]]) + t[2:]) for t in raw)
     except UnicodeDecodeError:
         raise PayloadError("a tensor name is not valid UTF-8") from None
-    return Layout(version, group_size, meta_offset, meta_len, entries)
 
 
 def decode_entry(buf, entry: Entry, group_size: int) -> np.ndarray:

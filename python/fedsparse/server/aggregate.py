@@ -5,6 +5,7 @@ numpy spec every method is tested against.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -15,7 +16,7 @@ from .hetero import HETERO_METHODS, HeteroAccumulator
 from .meta import AggregationError, branch_of, client_label, layer_index, num_examples, replace_layer
 from .reference import is_shared_fn, layer_mapper
 from .robust import robust_aggregate
-from .stream import Accumulator, read_client
+from .stream import Accumulator, read_clients
 
 METHODS = ("fedavg", "headwise", "median", "trimmed_mean", "multibranch") + HETERO_METHODS
 
@@ -194,16 +195,16 @@ def aggregate(
     seen = set()
 
     def clients():
-        for position, p in enumerate(payloads):
-            c = read_client(p, position, max_elements)
-            if c.cid in seen:
-                raise AggregationError(f"{client_label(c.cid)} appears twice", client=c.cid)
-            seen.add(c.cid)
-            w = wfn(c)
-            ids.append(c.cid)
-            metas.append(c.metadata)
-            raw.append(w)
-            yield c, w
+        for start, chunk in _chunks(payloads, batch):
+            for c in read_clients(chunk, start, max_elements):
+                if c.cid in seen:
+                    raise AggregationError(f"{client_label(c.cid)} appears twice", client=c.cid)
+                seen.add(c.cid)
+                w = wfn(c)
+                ids.append(c.cid)
+                metas.append(c.metadata)
+                raw.append(w)
+                yield c, w
 
     if method in ("median", "trimmed_mean"):
         cl = list(clients())
@@ -241,6 +242,15 @@ def aggregate(
     return AggregateResult(tensors, method=method, clients=ids, weights=_normalised(ids, raw),
                            head_counts=head_counts, head_weights=head_weights,
                            metadata=_summary(method, ids, metas, raw), dtypes=acc.dtypes())
+
+
+def _chunks(items: Iterable, n: int):
+    """(position of the first, list of up to n items) over any iterable, holding one chunk at a time."""
+    it = iter(items)
+    start = 0
+    while chunk := list(itertools.islice(it, n)):
+        yield start, chunk
+        start += len(chunk)
 
 
 def acc_probe(c) -> float:

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import json
 import math
-from operator import attrgetter
 
 import numpy as np
 
 from .. import _backend
 from ..errors import PayloadError
 from ..sparsity import KIND_DENSE, KIND_ELEMENTS, KIND_HEAD_COLS, KIND_HEAD_ROWS, matrix_view, unpack_bitmap
-from ..unpack import decode_entry, parse_layout
-from ..wire import DEFAULT_MAX_ELEMENTS
+from ..unpack import decode_entry, entries_from_native, parse_layout
+from ..wire import DEFAULT_MAX_ELEMENTS, Layout
 from .meta import AggregationError, client_id, client_label, head_scores
 
 # Plan columns (csrc/aggregate.cpp).
@@ -33,51 +32,100 @@ PER_TENSOR, PER_HEAD, PER_ELEMENT = 0, 1, 2
 _HEAD_KINDS = (KIND_HEAD_ROWS, KIND_HEAD_COLS)
 
 
-_dynamic = attrgetter("mask_offset", "n_kept", "bits", "data_offset", "data_nbytes")
-
-
-def _table_key(client) -> bytes:
-    """The payload's tensor table, byte for byte: names, order, dtypes, kinds, head counts and shapes (not the
-    masks, which live in the data section). Equal tables mean one plan; cheaper than comparing entries."""
-    lay = client.layout
-    start = lay.meta_offset + lay.meta_len
-    end = lay.entries[0].mask_offset if lay.entries else start
-    return bytes(memoryview(client.buffer)[start:end])
+_SPAN = [C_MASK, C_KEPT, C_BITS, C_DATA, C_NBYTES]  # the columns of Client.spans, in order
 
 
 class Client:
-    """One parsed payload: buffer, layout, metadata, id."""
+    """One verified payload: buffer, metadata, id, position; version and group_size; `table`, the bytes of its
+    tensor table (names, order, dtypes, kinds, head counts, shapes: equal tables mean one plan) and `spans`,
+    int64 [n_entries, 5] of (mask_offset, n_kept, bits, data_offset, data_nbytes). `layout` and `tensors`
+    (Entry objects) are built on first use: a server that has seen the table before never needs them."""
 
-    __slots__ = ("buffer", "layout", "metadata", "cid", "position", "tensors")
+    __slots__ = ("buffer", "metadata", "cid", "position", "version", "group_size", "table", "spans", "_layout",
+                 "_max_elements")
 
-    def __init__(self, buffer, layout, metadata, cid, position):
-        self.buffer, self.layout, self.metadata, self.cid, self.position = buffer, layout, metadata, cid, position
-        self.tensors = [e for e in layout.entries if not e.is_meta]
+    def __init__(self, buffer, version, group_size, table, spans, layout, max_elements):
+        self.buffer, self.version, self.group_size, self.table, self.spans = buffer, version, group_size, table, spans
+        self._layout, self._max_elements = layout, max_elements
+        self.metadata, self.cid, self.position = {}, None, 0
+
+    @classmethod
+    def from_layout(cls, buffer, layout, max_elements) -> "Client":
+        start = layout.meta_offset + layout.meta_len
+        end = layout.entries[0].mask_offset if layout.entries else start
+        spans = np.array([(e.mask_offset, e.n_kept, e.bits, e.data_offset, e.data_nbytes) for e in layout.entries],
+                         np.int64).reshape(-1, 5)
+        return cls(buffer, layout.version, layout.group_size, bytes(memoryview(buffer)[start:end]), spans, layout,
+                   max_elements)
+
+    @property
+    def layout(self):
+        if self._layout is None:  # verified when read: re-read the table only (no CRC, no value checks)
+            version, gs, mo, ml, raw = _backend.native.parse_payload(self.buffer, self._max_elements, verify=False)
+            self._layout = Layout(version, gs, mo, ml, entries_from_native(raw))
+            _check_names(self._layout, self.cid)
+        return self._layout
+
+    @property
+    def tensors(self) -> list:
+        return [e for e in self.layout.entries if not e.is_meta]
 
 
-def read_client(payload, position: int, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Client:
-    """Parse and validate one payload (bytes-like or a PackedUpdate); errors name the client."""
-    layout = getattr(payload, "layout", None)
-    if layout is not None and hasattr(payload, "buffer"):  # a PackedUpdate: already parsed
-        buf = payload.buffer
-    else:
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise PayloadError(f"client #{position}: payload must be bytes-like or a PackedUpdate, got "
-                               f"{type(payload).__name__}")
-        buf = bytes(payload) if isinstance(payload, bytearray) else payload
-        try:
-            layout = parse_layout(buf, max_elements)
-        except PayloadError as exc:
-            raise PayloadError(f"client #{position}: {exc}") from None
-    meta = _read_metadata(buf, layout, position)
-    cid = client_id(meta, position)
+def _check_names(layout, cid) -> None:
     names = [e.name for e in layout.entries]
     if len(set(names)) != len(names):
         raise PayloadError(f"{client_label(cid)}: duplicate tensor names in payload")
-    return Client(buf, layout, meta, cid, position)
 
 
-def _read_metadata(buf, layout, position) -> dict:
+def read_client(payload, position: int, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Client:
+    """Parse and verify one payload (bytes-like or a PackedUpdate); errors name the client."""
+    return read_clients([payload], position, max_elements)[0]
+
+
+def read_clients(payloads, start: int, max_elements: int = DEFAULT_MAX_ELEMENTS) -> list:
+    """read_client of payloads at positions start, start + 1, ...; the native parser verifies the raw ones in
+    parallel. The first bad payload (in order) raises."""
+    native = _backend.native
+    raw = []
+    for i, p in enumerate(payloads):
+        if not (getattr(p, "layout", None) is not None and hasattr(p, "buffer")):
+            if not isinstance(p, (bytes, bytearray, memoryview)):
+                raise PayloadError(f"client #{start + i}: payload must be bytes-like or a PackedUpdate, got "
+                                   f"{type(p).__name__}")
+            raw.append(i)
+    bufs = [bytes(p) if isinstance(p, bytearray) else p for p in payloads]
+    parsed = dict(zip(raw, native.parse_payloads([bufs[i] for i in raw], max_elements))) if native and raw else {}
+    return [_client(bufs[i], parsed.get(i), start + i, max_elements) for i in range(len(bufs))]
+
+
+def _client(payload, parsed, position: int, max_elements: int) -> Client:
+    try:
+        if parsed is None:
+            if hasattr(payload, "layout"):  # a PackedUpdate: already parsed
+                layout, buf = payload.layout, payload.buffer
+            else:  # no native module
+                layout, buf = parse_layout(payload, max_elements), payload
+            client = Client.from_layout(buf, layout, max_elements)
+            meta_entries = [e for e in layout.entries if e.is_meta]
+        else:
+            if isinstance(parsed, str):
+                raise PayloadError(parsed)
+            version, gs, mo, ml, table_end, spans, metas = parsed
+            meta_entries = entries_from_native([t for _, t in metas])
+            layout = Layout(version, gs, mo, ml, None)  # entries read on demand
+            client = Client(payload, version, gs, bytes(memoryview(payload)[mo + ml:table_end]), spans, None,
+                            max_elements)
+    except PayloadError as exc:
+        raise PayloadError(f"client #{position}: {exc}") from None
+    client.position = position
+    client.metadata = _read_metadata(client.buffer, layout, meta_entries, position)
+    client.cid = client_id(client.metadata, position)
+    if client._layout is not None:
+        _check_names(client._layout, client.cid)
+    return client
+
+
+def _read_metadata(buf, layout, meta_entries, position) -> dict:
     raw = bytes(memoryview(buf)[layout.meta_offset:layout.meta_offset + layout.meta_len])
     meta = {}
     if raw:
@@ -87,11 +135,10 @@ def _read_metadata(buf, layout, position) -> dict:
             raise PayloadError(f"client #{position}: metadata is not valid UTF-8 JSON: {exc}") from None
         if not isinstance(meta, dict):
             raise PayloadError(f"client #{position}: metadata must be a JSON object")
-    for e in layout.entries:
-        if e.is_meta:
-            if e.name in meta:
-                raise PayloadError(f"client #{position}: metadata key {e.name!r} given twice")
-            meta[e.name] = decode_entry(buf, e, layout.group_size)
+    for e in meta_entries:
+        if e.name in meta:
+            raise PayloadError(f"client #{position}: metadata key {e.name!r} given twice")
+        meta[e.name] = decode_entry(buf, e, layout.group_size)
     return meta
 
 
@@ -170,7 +217,7 @@ class Accumulator:
             self.order.append(e.name)
             off += t.numel
         self.acc = np.zeros(off, np.float32)
-        self.version = client.layout.version
+        self.version = client.version
         self.first_cid = client.cid
         self._relayout_sums()
 
@@ -201,8 +248,8 @@ class Accumulator:
 
     def _check(self, client: Client) -> None:
         cid = client.cid
-        if client.layout.version != self.version:
-            raise AggregationError(f"{client_label(cid)}: payload format version {client.layout.version} differs "
+        if client.version != self.version:
+            raise AggregationError(f"{client_label(cid)}: payload format version {client.version} differs "
                                    f"from version {self.version} of {client_label(self.first_cid)}", client=cid)
         seen = set()
         for e in client.tensors:
@@ -221,7 +268,7 @@ class Accumulator:
 
     def _plan_for(self, client: Client):
         """(static plan rows, weight-slot layout) for this client's entry structure; cached."""
-        key = _table_key(client)
+        key = client.table
         hit = self._plans.get(key)
         if hit is not None:
             return hit
@@ -250,7 +297,8 @@ class Accumulator:
                 kind, r, c, H, t.acc_off, w_off, t.wsum_off if self.track else -1, mode)
             slots.append((e.name, kind, H, w_off, nw))
             w_off += nw
-        hit = (rows, slots, w_off, all_kept, {})
+        tensor_rows = np.array([i for i, e in enumerate(client.layout.entries) if not e.is_meta], np.int64)
+        hit = (rows, slots, w_off, all_kept, {}, tensor_rows)
         self._plans[key] = hit
         return hit
 
@@ -288,12 +336,11 @@ class Accumulator:
         """acc += scale * weight * s_kh * update_k (scale: norm clipping; weights sums do not see it)."""
         if self.acc is None:
             self._start(client)
-        elif client.layout.version != self.version:
+        elif client.version != self.version:
             self._check(client)
-        rows, slots, n_slots, all_kept, cache = self._plan_for(client)
+        rows, slots, n_slots, all_kept, cache, tensor_rows = self._plan_for(client)
         plan = rows.copy()
-        dyn = np.array([_dynamic(e) for e in client.tensors], np.int64).reshape(-1, 5)
-        plan[:, [C_MASK, C_KEPT, C_BITS, C_DATA, C_NBYTES]] = dyn
+        plan[:, _SPAN] = client.spans[tensor_rows]
         plan[all_kept, C_MASK] = -1
         w = self._unit_weights(client, weight, slots, n_slots, cache)
         if _backend.native is not None:
@@ -313,7 +360,7 @@ class Accumulator:
         try:
             _backend.native.accumulate([c.buffer for c, *_ in batch], [p for _, p, _, _ in batch],
                                        [w for *_, w, _ in batch], [s for *_, s in batch],
-                                       [c.layout.group_size for c, *_ in batch], self.acc, self.wsum, self.counts)
+                                       [c.group_size for c, *_ in batch], self.acc, self.wsum, self.counts)
         except ValueError as exc:  # the batch is checked whole before anything is written
             msg = str(exc)
             who = "a client of the batch"
@@ -326,7 +373,7 @@ class Accumulator:
         """The same as the kernel, through the reference decoder (no native module)."""
         updates = []
         for e, row in zip(client.tensors, plan):
-            x = decode_entry(client.buffer, e, client.layout.group_size).reshape(-1)
+            x = decode_entry(client.buffer, e, client.group_size).reshape(-1)
             t = self.tensors[e.name]
             kind, H = int(row[C_KIND]), int(row[C_HEADS])
             if row[C_MASK] == -1:
@@ -370,10 +417,10 @@ class Accumulator:
                 plan[i, [C_KIND, C_ROWS, C_COLS, C_HEADS, C_MASK, C_KEPT, C_BITS, C_DATA, C_NBYTES, C_WSUM]] = (
                     e.kind, r, c, e.n_heads, e.mask_offset, e.n_kept, e.bits, e.data_offset, e.data_nbytes, -1)
             try:
-                return float(native.sum_squares(client.buffer, plan, client.layout.group_size))
+                return float(native.sum_squares(client.buffer, plan, client.group_size))
             except ValueError as exc:
                 raise PayloadError(f"{client_label(client.cid)}: {exc}") from None
-        return float(sum(np.square(decode_entry(client.buffer, e, client.layout.group_size).astype(np.float64)).sum()
+        return float(sum(np.square(decode_entry(client.buffer, e, client.group_size).astype(np.float64)).sum()
                          for e in client.tensors))
 
     # -- the end --------------------------------------------------------------------------------------
