@@ -305,7 +305,7 @@ def _multibranch(clients, wfn, ids, metas, raw, *, base, clip_norm, shared, bran
 
     results, covers = {}, {}
     for br, acc in accs.items():
-        results[br] = acc.finish(inner, None if base is None else base.get(br))
+        results[br] = acc.finish(inner, None if base is None else base.get(br), want_covered=True)
     depth = {}
     for br, acc in accs.items():
         if depths is not None and br in depths:

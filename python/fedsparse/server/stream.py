@@ -304,32 +304,30 @@ class Accumulator:
 
     # -- weights ----------------------------------------------------------------------------------------
     def _unit_weights(self, client: Client, weight: float, slots, n_slots, cache) -> np.ndarray:
-        w = np.full(n_slots, weight, np.float64)
         if not self.use_scores:
-            return w.astype(np.float32)
+            return np.full(n_slots, weight, np.float32)
         meta = client.metadata
         sig = _score_signature(meta)
         if sig is None:
-            return w.astype(np.float32)
+            return np.full(n_slots, weight, np.float32)
         idx = cache.get(sig)
-        flat = _score_flat(meta, sig)
+        ext = _score_flat(meta, sig)  # the scores, then 1.0 for "no score"
         if idx is None:
-            idx = np.full(n_slots, flat.size, np.int64)  # flat.size: "no score" -> 1
+            idx = np.full(n_slots, ext.size - 1, np.int64)
             for name, kind, H, off, nw in slots:
                 if kind not in _HEAD_KINDS:
                     continue
-                s = head_scores(meta, client.cid, name, H)  # validates; then locate it in flat
+                s = head_scores(meta, client.cid, name, H)  # validates; then locate it in ext
                 if s is None:
                     continue
                 idx[off:off + nw] = _locate(meta, sig, name, H)
             cache[sig] = idx
-        ext = np.append(flat, 1.0)
         vals = ext[idx]
-        if not (np.isfinite(vals).all() and (vals >= 0).all()):
+        if not (vals.min(initial=0.0) >= 0 and np.isfinite(vals.max(initial=0.0))):  # NaN fails both
             for name, kind, H, off, nw in slots:  # name the tensor
                 if kind in _HEAD_KINDS:
                     head_scores(meta, client.cid, name, H)
-        return (w * vals).astype(np.float32)
+        return (vals * weight).astype(np.float32)
 
     # -- the hot path -----------------------------------------------------------------------------------
     def add(self, client: Client, weight: float, scale: float = 1.0) -> None:
@@ -438,9 +436,10 @@ class Accumulator:
                 if not np.isfinite(b).all():
                     raise AggregationError(f"base, tensor {n!r}: NaN or Inf", tensor=n)
 
-    def finish(self, method: str, base) -> tuple:
+    def finish(self, method: str, base, want_covered: bool = False) -> tuple:
         """Normalise in place. Returns (tensors, covered, head_counts, head_weights), all name -> array;
-        covered: bool per element (flat) where some client sent the element with weight > 0."""
+        covered (only with want_covered, else empty): bool per element (flat) where some client sent the
+        element with weight > 0."""
         self.flush()
         self.check_base(base)
         total = self.total_weight
@@ -458,24 +457,27 @@ class Accumulator:
                     head_counts[n] = np.rint(cnt).astype(np.int32)
                     head_weights[n] = ws / np.float32(total)
             if method == "headwise":
-                den = t.expand(ws)
-                pos = den > 0
-                view = _matrix(a, t)
+                pos = None
                 if t.mode == PER_HEAD:  # per-head divide without a full-size temporary
                     inv = np.where(ws > 0, 1 / np.where(ws > 0, ws, 1), 0).astype(np.float32)
-                    view *= _head_broadcast(inv, t)
+                    _matrix(a, t)[...] *= _head_broadcast(inv, t)
                 elif t.mode == PER_TENSOR:
                     a *= np.float32(1 / ws[0]) if ws[0] > 0 else np.float32(0)
                 else:
-                    np.divide(a, den, out=a, where=pos)
-                if b is not None and not pos.all():
-                    a[~pos] = b[~pos]
-                covered[n] = pos
+                    pos = ws > 0
+                    np.divide(a, ws, out=a, where=pos)
+                if b is not None or want_covered:
+                    pos = t.expand(ws) > 0 if pos is None else pos
+                    if b is not None and not pos.all():
+                        a[~pos] = b[~pos]
+                    if want_covered:
+                        covered[n] = pos
             else:  # fedavg: what a client did not send counts as base (0 without base)
                 a *= np.float32(1 / total)
                 if b is not None and self.track:  # exact base where nobody sent, no base where all did
                     a += b * (np.float32(1) - t.expand(ws) * np.float32(1 / total))
-                covered[n] = np.ones(t.numel, bool)
+                if want_covered:
+                    covered[n] = np.ones(t.numel, bool)
             tensors[n] = a.reshape(t.shape)
         if not np.isfinite(self.acc).all():
             bad = next(n for n in self.order if not np.isfinite(tensors[n]).all())
@@ -518,6 +520,7 @@ def _score_signature(meta: dict):
 
 
 def _score_flat(meta: dict, sig) -> np.ndarray:
+    """Every score of the metadata in one float64 vector (in _locate's order), then a trailing 1.0."""
     mods, _, main = sig
     parts = [np.asarray(meta[k], dtype=np.float64).reshape(-1) for k in mods]
     hs = meta.get("head_scores")
@@ -526,9 +529,12 @@ def _score_flat(meta: dict, sig) -> np.ndarray:
     elif main is not None:
         parts.append(np.asarray(hs, dtype=np.float64).reshape(-1))
     try:
-        return np.concatenate(parts) if parts else np.zeros(0)
+        return np.concatenate(parts + [_ONE])
     except (TypeError, ValueError):
-        return np.full(sum(p.size for p in parts), np.nan)
+        return np.append(np.full(sum(p.size for p in parts), np.nan), 1.0)
+
+
+_ONE = np.ones(1)
 
 
 def _locate(meta: dict, sig, name: str, H: int) -> np.ndarray:
