@@ -37,6 +37,20 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
+def _tile(P, b, h, sb, sh, rows, cols, sr, sc, R, C):
+    """The [rows, cols] block of a strided [B, H, R, C] tensor at (b, h), zeros outside it."""
+    return tl.load(P + b * sb + h * sh + rows[:, None] * sr + cols[None, :] * sc,
+                   mask=(rows[:, None] < R) & (cols[None, :] < C), other=0.0)
+
+
+@triton.jit
+def _dscores(p, do, v, delta, PREC: tl.constexpr):
+    """dS = P * (dO V^T - delta): the gradient of the logits (before scaling) of a block."""
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    return p * (dp - delta[:, None])
+
+
+@triton.jit
 def _scores(q, k, offs_m, offs_n, b, h, Sq, Sk, scale,
             KV, stride_kvb, QV, stride_qvb, BIAS, sbb, sbh, sbm, sbn,
             HAS_KV: tl.constexpr, HAS_QV: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
@@ -53,8 +67,7 @@ def _scores(q, k, offs_m, offs_n, b, h, Sq, Sk, scale,
     if CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None])
     if HAS_BIAS:
-        bias = tl.load(BIAS + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
-                       mask=(offs_m[:, None] < Sq) & (offs_n[None, :] < Sk), other=0.0)
+        bias = _tile(BIAS, b, h, sbb, sbh, offs_m, offs_n, sbm, sbn, Sq, Sk)
         s = s + bias.to(tl.float32)
     return tl.where(valid, s, float("-inf"))
 
@@ -75,8 +88,7 @@ def _fwd_kernel(Q, K, V, O, LSE, MAXP, PB, PH,
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n0 = tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd,
-                mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < D), other=0.0)
+    q = _tile(Q, b, h, sqb, sqh, offs_m, offs_d, sqs, sqd, Sq, D)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     if WITH_V:
@@ -87,8 +99,7 @@ def _fwd_kernel(Q, K, V, O, LSE, MAXP, PB, PH,
         hi = tl.minimum(Sk, (pid_m + 1) * BM)
     for start_n in range(0, hi, BN):
         offs_n = start_n + offs_n0
-        k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * sks + offs_d[None, :] * skd,
-                    mask=(offs_n[:, None] < Sk) & (offs_d[None, :] < D), other=0.0)
+        k = _tile(K, b, hk, skb, skh, offs_n, offs_d, sks, skd, Sk, D)
         s = _scores(q, k, offs_m, offs_n, b, h, Sq, Sk, scale, KV, stride_kvb, QV, stride_qvb,
                     BIAS, sbb, sbh, sbm, sbn, HAS_KV, HAS_QV, HAS_BIAS, CAUSAL, PREC)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -97,8 +108,7 @@ def _fwd_kernel(Q, K, V, O, LSE, MAXP, PB, PH,
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if WITH_V:
-            v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svs + offs_dv[None, :] * svd,
-                        mask=(offs_n[:, None] < Sk) & (offs_dv[None, :] < DV), other=0.0)
+            v = _tile(V, b, hk, svb, svh, offs_n, offs_dv, svs, svd, Sk, DV)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     # Triton's max drops NaN (on GPUs and in the interpreter), but the sum of exponentials keeps it: a row
@@ -123,9 +133,8 @@ def _bwd_delta_kernel(O, DO, DELTA, PB, PH, sob, soh, sos, sod, sgb, sgh, sgs, s
     h = tl.load(PH + n).to(tl.int64)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, BDV)
-    msk = (offs_m[:, None] < Sq) & (offs_d[None, :] < DV)
-    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :] * sod, mask=msk, other=0.0)
-    do = tl.load(DO + b * sgb + h * sgh + offs_m[:, None] * sgs + offs_d[None, :] * sgd, mask=msk, other=0.0)
+    o = _tile(O, b, h, sob, soh, offs_m, offs_d, sos, sod, Sq, DV)
+    do = _tile(DO, b, h, sgb, sgh, offs_m, offs_d, sgs, sgd, Sq, DV)
     tl.store(DELTA + n * Sq + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < Sq)
 
 
@@ -147,10 +156,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, PB, PH,
     offs_m0 = tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * sks + offs_d[None, :] * skd,
-                mask=(offs_n[:, None] < Sk) & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svs + offs_dv[None, :] * svd,
-                mask=(offs_n[:, None] < Sk) & (offs_dv[None, :] < DV), other=0.0)
+    k = _tile(K, b, hk, skb, skh, offs_n, offs_d, sks, skd, Sk, D)
+    v = _tile(V, b, hk, svb, svh, offs_n, offs_dv, svs, svd, Sk, DV)
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BDV], tl.float32)
     lo = 0
@@ -158,18 +165,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, PB, PH,
         lo = (pid_n * BN // BM) * BM
     for start_m in range(lo, Sq, BM):
         offs_m = start_m + offs_m0
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd,
-                    mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < D), other=0.0)
-        do = tl.load(DO + b * sgb + h * sgh + offs_m[:, None] * sgs + offs_dv[None, :] * sgd,
-                     mask=(offs_m[:, None] < Sq) & (offs_dv[None, :] < DV), other=0.0)
+        q = _tile(Q, b, h, sqb, sqh, offs_m, offs_d, sqs, sqd, Sq, D)
+        do = _tile(DO, b, h, sgb, sgh, offs_m, offs_dv, sgs, sgd, Sq, DV)
         lse = tl.load(LSE + n * Sq + offs_m, mask=offs_m < Sq, other=float("inf"))
         delta = tl.load(DELTA + n * Sq + offs_m, mask=offs_m < Sq, other=0.0)
         s = _scores(q, k, offs_m, offs_n, b, h, Sq, Sk, scale, KV, stride_kvb, QV, stride_qvb,
                     BIAS, sbb, sbh, sbm, sbn, HAS_KV, HAS_QV, HAS_BIAS, CAUSAL, PREC)
         p = tl.exp(s - lse[:, None])
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
+        ds = _dscores(p, do, v, delta, PREC)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     dk = dk * scale
     if COMPACT:
@@ -202,10 +206,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PB, PH,
     offs_n0 = tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd,
-                mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + b * sgb + h * sgh + offs_m[:, None] * sgs + offs_dv[None, :] * sgd,
-                 mask=(offs_m[:, None] < Sq) & (offs_dv[None, :] < DV), other=0.0)
+    q = _tile(Q, b, h, sqb, sqh, offs_m, offs_d, sqs, sqd, Sq, D)
+    do = _tile(DO, b, h, sgb, sgh, offs_m, offs_dv, sgs, sgd, Sq, DV)
     lse = tl.load(LSE + n * Sq + offs_m, mask=offs_m < Sq, other=float("inf"))
     delta = tl.load(DELTA + n * Sq + offs_m, mask=offs_m < Sq, other=0.0)
     dq = tl.zeros([BM, BD], tl.float32)
@@ -214,15 +216,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PB, PH,
         hi = tl.minimum(Sk, (pid_m + 1) * BM)
     for start_n in range(0, hi, BN):
         offs_n = start_n + offs_n0
-        k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * sks + offs_d[None, :] * skd,
-                    mask=(offs_n[:, None] < Sk) & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svs + offs_dv[None, :] * svd,
-                    mask=(offs_n[:, None] < Sk) & (offs_dv[None, :] < DV), other=0.0)
+        k = _tile(K, b, hk, skb, skh, offs_n, offs_d, sks, skd, Sk, D)
+        v = _tile(V, b, hk, svb, svh, offs_n, offs_dv, svs, svd, Sk, DV)
         s = _scores(q, k, offs_m, offs_n, b, h, Sq, Sk, scale, KV, stride_kvb, QV, stride_qvb,
                     BIAS, sbb, sbh, sbm, sbn, HAS_KV, HAS_QV, HAS_BIAS, CAUSAL, PREC)
         p = tl.exp(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
+        ds = _dscores(p, do, v, delta, PREC)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     dq = dq * scale
     tl.store(DQ + b * dqb + h * dqh + offs_m[:, None] * dqs + offs_d[None, :] * dqd,
