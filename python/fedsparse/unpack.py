@@ -33,6 +33,24 @@ def entries_from_native(raw) -> tuple:
         raise PayloadError("a tensor name is not valid UTF-8") from None
 
 
+def read_metadata(buf, layout: Layout, meta_entries) -> dict:
+    """The payload's metadata: its JSON object plus the decoded array entries (meta_entries)."""
+    raw = bytes(memoryview(buf)[layout.meta_offset:layout.meta_offset + layout.meta_len])
+    meta = {}
+    if raw:
+        try:
+            meta = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise PayloadError(f"metadata is not valid UTF-8 JSON: {exc}") from None
+        if not isinstance(meta, dict):
+            raise PayloadError("metadata must be a JSON object")
+    for e in meta_entries:
+        if e.name in meta:
+            raise PayloadError(f"metadata key {e.name!r} given twice")
+        meta[e.name] = decode_entry(buf, e, layout.group_size)
+    return meta
+
+
 def decode_entry(buf, entry: Entry, group_size: int) -> np.ndarray:
     """float32 array of entry.shape: the dequantized values, zeros where nothing travelled."""
     values = np.frombuffer(buf, np.uint8, entry.data_nbytes, entry.data_offset)
@@ -74,24 +92,7 @@ class PackedUpdate(Mapping):
         self._entries = {e.name: e for e in layout.entries if not e.is_meta}
         if len(self._entries) + sum(e.is_meta for e in layout.entries) != len(layout.entries):
             raise PayloadError("duplicate tensor names in payload")
-        self.metadata = self._read_metadata()
-
-    def _read_metadata(self) -> dict:
-        raw = bytes(self.buffer[self.layout.meta_offset:self.layout.meta_offset + self.layout.meta_len])
-        meta = {}
-        if raw:
-            try:
-                meta = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as exc:
-                raise PayloadError(f"metadata is not valid UTF-8 JSON: {exc}") from None
-            if not isinstance(meta, dict):
-                raise PayloadError("metadata must be a JSON object")
-        for e in self.layout.entries:
-            if e.is_meta:
-                if e.name in meta:
-                    raise PayloadError(f"metadata key {e.name!r} given twice")
-                meta[e.name] = decode_entry(self.buffer, e, self.group_size)
-        return meta
+        self.metadata = read_metadata(self.buffer, layout, [e for e in layout.entries if e.is_meta])
 
     def __getitem__(self, name: str) -> np.ndarray:
         return decode_entry(self.buffer, self._entries[name], self.group_size)

@@ -303,7 +303,7 @@ def _multibranch(clients, wfn, ids, metas, raw, *, base, clip_norm, shared, bran
     for br, acc in accs.items():
         acc.check_base(None if base is None else base.get(br))
 
-    results, covers = {}, {}
+    results = {}
     for br, acc in accs.items():
         results[br] = acc.finish(inner, None if base is None else base.get(br), want_covered=True)
     depth = {}

@@ -12,7 +12,6 @@ that needs a finer granularity upgrades the sums by broadcasting them.
 """
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -20,7 +19,7 @@ import numpy as np
 from .. import _backend
 from ..errors import PayloadError
 from ..sparsity import KIND_DENSE, KIND_ELEMENTS, KIND_HEAD_COLS, KIND_HEAD_ROWS, matrix_view, unpack_bitmap
-from ..unpack import decode_entry, entries_from_native, parse_layout
+from ..unpack import decode_entry, entries_from_native, parse_layout, read_metadata
 from ..wire import DEFAULT_MAX_ELEMENTS, Layout
 from .meta import AggregationError, client_id, client_label, head_scores
 
@@ -118,28 +117,14 @@ def _client(payload, parsed, position: int, max_elements: int) -> Client:
     except PayloadError as exc:
         raise PayloadError(f"client #{position}: {exc}") from None
     client.position = position
-    client.metadata = _read_metadata(client.buffer, layout, meta_entries, position)
+    try:
+        client.metadata = read_metadata(client.buffer, layout, meta_entries)
+    except PayloadError as exc:
+        raise PayloadError(f"client #{position}: {exc}") from None
     client.cid = client_id(client.metadata, position)
     if client._layout is not None:
         _check_names(client._layout, client.cid)
     return client
-
-
-def _read_metadata(buf, layout, meta_entries, position) -> dict:
-    raw = bytes(memoryview(buf)[layout.meta_offset:layout.meta_offset + layout.meta_len])
-    meta = {}
-    if raw:
-        try:
-            meta = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise PayloadError(f"client #{position}: metadata is not valid UTF-8 JSON: {exc}") from None
-        if not isinstance(meta, dict):
-            raise PayloadError(f"client #{position}: metadata must be a JSON object")
-    for e in meta_entries:
-        if e.name in meta:
-            raise PayloadError(f"client #{position}: metadata key {e.name!r} given twice")
-        meta[e.name] = decode_entry(buf, e, layout.group_size)
-    return meta
 
 
 class _Tensor:
