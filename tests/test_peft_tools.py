@@ -13,28 +13,15 @@ peft = pytest.importorskip("peft")
 
 from fedsparse import hf, peft_tools  # noqa: E402
 from fedsparse.heads import HeadMask  # noqa: E402
+from tiny_models import V, tiny  # noqa: E402
 
-V = 60
 TARGETS = {"bert": ["query", "key", "value", "attention.output.dense"],
            "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
            "t5": ["q", "k", "v", "o"]}
 
 
 def lora_model(family: str, targets=None, seed: int = 0):
-    torch.manual_seed(seed)
-    if family == "bert":
-        cfg = transformers.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      intermediate_size=48, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                                      attention_probs_dropout_prob=0.0)
-        base = transformers.BertModel(cfg, add_pooling_layer=False)
-    elif family == "llama":
-        cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64)
-        base = transformers.LlamaModel(cfg)
-    else:
-        cfg = transformers.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
-                                    num_heads=4, dropout_rate=0.0)
-        base = transformers.T5Model(cfg)
+    base = tiny(family, seed=seed)
     model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=targets or TARGETS[family],
                                                       lora_dropout=0.0))
     for name, p in model.named_parameters():  # lora_B starts at zero; give every slice a value
