@@ -7,8 +7,8 @@
 // Why per payload and fused: a payload (~0.5 MB for 1M parameters at 8 bits, half the heads) fits in L2,
 // and the float32 accumulator (4 MB per 1M parameters) in L3, so decoding straight into `acc += w * x`
 // reads each payload byte once from memory and never materialises a client's dense update (unpack + sum
-// would write and re-read 4 MB per client). The work is split into chunks of whole quantization groups
-// (disjoint output elements, so no atomics), all tensors of a payload in one OpenMP loop: many small LoRA
+// would write and re-read 4 MB per client). The work is split into blocks of output elements (disjoint, so
+// no atomics) over all tensors of a batch of payloads in one parallel loop (parallel.h): many small LoRA
 // tensors then still keep every thread busy.
 //
 // Everything the kernel is told (the plan: offsets, counts, shapes) is checked against the buffers before
@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "common.h"
+#include "parallel.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FS_AGG_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))  // AVX-512, AVX2
@@ -41,7 +42,8 @@ enum Col { cKind, cRows, cCols, cHeads, cMaskOff, cKept, cBits, cDataOff, cDataB
            cWsumMode, kCols };
 // wsum_mode: one slot for the tensor (dense entries), one per head (head entries), one per element (any).
 enum WsumMode { kPerTensor = 0, kPerHead = 1, kPerElement = 2 };
-constexpr int64_t kSerialBelow = 1 << 15;  // kept elements per payload; below, threads cost more than they save
+constexpr int64_t kSerialBelow = 1 << 15;   // kept elements of a batch; below, threads cost more than they save
+constexpr int64_t kThreadsAbove = 1 << 20;  // kept elements of one payload worth threads in sum_squares
 constexpr int64_t kChunk = 2048;
 constexpr int64_t kPrefetch = 4096;        // bytes of codes fetched ahead of the multiply-add           // elements per work item (a multiple of every group size < 2048)
 
@@ -448,21 +450,19 @@ void accumulate(const py::sequence& payloads, const py::sequence& plans, const p
         }
       }
     }
-  const int64_t n_units = int64_t(units.size());
-#pragma omp parallel if (total_kept > kSerialBelow)
-  {
-    std::vector<float> buf(size_t(kChunk) + 65536);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t u = 0; u < n_units; ++u) {
-      const Unit& un = units[size_t(u)];
-      for (const auto& [b, i] : groups[size_t(un.group)]) {
-        const Plan& p = batch[size_t(b)];
-        const Tensor& t = p.tensors[size_t(i)];
-        const int64_t ka = t.compact_pos(un.e0), kb = t.compact_pos(un.e1);
-        run_range(t, ka, kb - ka, p.gs, scale[size_t(b)], buf);
-      }
+  const int threads = total_kept > kSerialBelow ? max_threads() : 1;
+  std::vector<std::vector<float>> bufs(static_cast<size_t>(threads));
+  parallel_units(int64_t(units.size()), threads, [&](int64_t u, int tid) {
+    std::vector<float>& buf = bufs[size_t(tid)];
+    if (buf.empty()) buf.resize(size_t(kChunk) + 65536);
+    const Unit& un = units[size_t(u)];
+    for (const auto& [b, i] : groups[size_t(un.group)]) {
+      const Plan& p = batch[size_t(b)];
+      const Tensor& t = p.tensors[size_t(i)];
+      const int64_t ka = t.compact_pos(un.e0), kb = t.compact_pos(un.e1);
+      run_range(t, ka, kb - ka, p.gs, scale[size_t(b)], buf);
     }
-  }
+  });
 }
 
 // Sum of squares of the dequantized values of the planned tensors (the update's squared L2 norm; elements
@@ -473,28 +473,31 @@ double sum_squares(const py::buffer& payload_b, const py::buffer& plan_b, int64_
 
   py::gil_scoped_release nogil;
   const int64_t n_items = int64_t(plan.items.size());
-  double total = 0;
-#pragma omp parallel if (plan.total_kept > kSerialBelow) reduction(+ : total)
-  {
-    std::vector<float> buf(size_t(std::max<int64_t>(plan.gs, kChunk)));
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t i = 0; i < n_items; ++i) {
-      const Item& it = plan.items[size_t(i)];
-      const Tensor& t = plan.tensors[size_t(it.t)];
-      const int64_t gsz = t.bits <= 8 ? plan.gs : kChunk;
-      for (int64_t g0 = it.k0; g0 < it.k0 + it.cnt; g0 += gsz) {
-        const int64_t cnt = std::min(gsz, it.k0 + it.cnt - g0);
-        if (t.bits == 8) {
-          const int64_t g = g0 / gsz, n_groups = (t.n_kept + gsz - 1) / gsz;
-          const double step = double(f16_to_f32(load_u16le(t.values + 4 + 2 * g)) * load_f32le(t.values));
-          total += sumsq_u8(t.values + 4 + 2 * n_groups + g0, cnt) * step * step;
-        } else {
-          decode(t, g0, cnt, gsz, buf.data());
-          total += sumsq_f32(buf.data(), cnt);
-        }
+  const int threads = plan.total_kept > kThreadsAbove ? max_threads() : 1;
+  std::vector<std::vector<float>> bufs(static_cast<size_t>(threads));
+  std::vector<double> part(size_t(n_items), 0.0);  // per item, summed in order: the same result on any thread count
+  parallel_units(n_items, threads, [&](int64_t i, int tid) {
+    std::vector<float>& buf = bufs[size_t(tid)];
+    if (buf.empty()) buf.resize(size_t(std::max<int64_t>(plan.gs, kChunk)));
+    const Item& it = plan.items[size_t(i)];
+    const Tensor& t = plan.tensors[size_t(it.t)];
+    const int64_t gsz = t.bits <= 8 ? plan.gs : kChunk;
+    double s = 0;
+    for (int64_t g0 = it.k0; g0 < it.k0 + it.cnt; g0 += gsz) {
+      const int64_t cnt = std::min(gsz, it.k0 + it.cnt - g0);
+      if (t.bits == 8) {
+        const int64_t g = g0 / gsz, n_groups = (t.n_kept + gsz - 1) / gsz;
+        const double step = double(f16_to_f32(load_u16le(t.values + 4 + 2 * g)) * load_f32le(t.values));
+        s += sumsq_u8(t.values + 4 + 2 * n_groups + g0, cnt) * step * step;
+      } else {
+        decode(t, g0, cnt, gsz, buf.data());
+        s += sumsq_f32(buf.data(), cnt);
       }
     }
-  }
+    part[size_t(i)] = s;
+  });
+  double total = 0;
+  for (double s : part) total += s;
   return total;
 }
 

@@ -12,6 +12,7 @@
 
 #include "common.h"
 #include "crc32.h"
+#include "parallel.h"
 
 namespace py = pybind11;
 
@@ -279,8 +280,7 @@ py::list parse_many(const py::sequence& payloads, int64_t max_elements) {
     py::gil_scoped_release nogil;
     int64_t total = 0;
     for (const auto& v : views) total += int64_t(v.size * v.itemsize);
-#pragma omp parallel for schedule(dynamic, 1) if (n > 1 && total > (int64_t(1) << 20))
-    for (int64_t i = 0; i < int64_t(n); ++i) {
+    parallel_units(int64_t(n), total > (int64_t(1) << 20) ? max_threads() : 1, [&](int64_t i, int) {
       try {
         const auto& v = views[size_t(i)];
         parse_into(static_cast<const uint8_t*>(v.ptr), int64_t(v.size * v.itemsize), max_elements, true,
@@ -289,7 +289,7 @@ py::list parse_many(const py::sequence& payloads, int64_t max_elements) {
         errors[size_t(i)] = e.what();
         if (errors[size_t(i)].empty()) errors[size_t(i)] = "malformed payload";
       }
-    }
+    });
   }
   py::list out;
   for (size_t i = 0; i < n; ++i) {
