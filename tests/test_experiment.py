@@ -92,7 +92,7 @@ def test_config_layers(tmp_path):
 
 @pytest.mark.parametrize("bad", [
     "nope = 1\n", "rounds = 'x'\n", "arms = ['dense', 'fedavg']\n", "sparsity = 1.0\n", "bits = 3\n",
-    "clients_per_round = 11\n", "hetero = 1\n", "hetero_layers = [6, 7]\n",
+    "clients_per_round = 11\n", "hetero = 1\n", "hetero_layers = [6, 7]\n", "head_fit = 'both'\n",
 ])
 def test_config_rejects(tmp_path, bad):
     toml = tmp_path / "bad.toml"
@@ -109,11 +109,13 @@ def test_cli_flags_map_to_config():
     p = argparse.ArgumentParser()
     cli.add_arguments(p)
     args = p.parse_args(["--quick", "--rounds", "2", "--bits", "8", "--arms", "dense", "--no-progress",
-                         "--lr", "0.01", "--hetero", "--hetero-ranks", "8,2", "--topk", "0.5"])
+                         "--lr", "0.01", "--hetero", "--hetero-ranks", "8,2", "--topk", "0.5",
+                         "--head-fit", "pruned"])
     cfg = cli.config_from_args(args)
     assert (cfg.rounds, cfg.bits, cfg.arms, cfg.progress, cfg.lr, cfg.hetero, cfg.hetero_ranks) == \
         (2, 8, ["dense"], False, 0.01, True, [8, 2])
-    assert cfg.max_len == C.QUICK["max_len"] and cfg.topk == 0.5
+    assert cfg.max_len == C.QUICK["max_len"] and cfg.topk == 0.5 and cfg.head_fit == "pruned"
+    assert C.make_config().head_fit == "full"
 
 
 # ---- accounting and report -------------------------------------------------------------------------------
@@ -274,6 +276,37 @@ def test_what_each_arm_puts_on_the_wire(tiny_fed):
     assert any(".lora_A." in n for n in got["fedsparse"][0])
     assert not any(".lora_A." in n for n in got["fedsparse_ffa"][0]), "FFA-LoRA must not send lora_A"
     assert len(got["fedsparse_ffa"][0].buffer) < len(got["fedsparse"][0].buffer) < len(dense.buffer) / 10
+
+
+@_needs(*SPARSE_APIS)
+def test_head_fit_full_refits_only_the_head_on_full_network_features(tiny_fed):
+    """head_fit "full" (drop mode): the LoRA upload is what "pruned" sends, bit for bit; the head is refitted
+    on the full network's features of the scoring batches, and the local loss is that of the full network
+    (as the global loss), with the refitted head."""
+    import dataclasses
+
+    from fedsparse.experiment.arms import make_arm
+
+    got = {}
+    for fit in ("full", "pruned"):
+        cfg = dataclasses.replace(tiny_fed.cfg, head_fit=fit)
+        fed = dataclasses.replace(tiny_fed, cfg=cfg)
+        runner = E.ArmRunner(fed, make_arm("fedsparse", cfg))
+        payload, info = runner.client_round(1, 1, runner.download_payload(0, 1))
+        _, score_batches = fed.client_batches(1, 1)
+        # after the round the model holds the trained LoRA and the head it sends, every head in the pass
+        got[fit] = (unpack(payload), info, runner._mean_loss(runner.models[0], score_batches))
+    (full, info_full, after_full), (pruned, info_pruned, _) = got["full"], got["pruned"]
+    assert set(full) == set(pruned)
+    for name in full:
+        if E._is_head(name):
+            assert not np.array_equal(full[name], pruned[name]), name
+        else:
+            assert np.array_equal(full[name], pruned[name]), name
+    assert info_full["global_loss"] == info_pruned["global_loss"]
+    assert info_full["local_loss"] == pytest.approx(after_full, rel=1e-5)
+    assert info_full["local_loss"] < info_full["global_loss"]
+    assert info_pruned["local_loss"] != pytest.approx(info_full["local_loss"], rel=1e-3)
 
 
 @_needs(*SPARSE_APIS)

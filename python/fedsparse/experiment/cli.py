@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-scope", choices=("global", "layer"), help="choose heads over the whole model or "
                         f"per layer (default {defaults.head_scope})")
     parser.add_argument("--mode", choices=("drop", "freeze"), help=f"pruned heads (default {defaults.mode})")
+    parser.add_argument("--head-fit", choices=("full", "pruned"), help="drop mode: fit the classification head "
+                        "on the full network's features of the scoring batches, or train it on the pruned "
+                        f"network's (default {defaults.head_fit})")
     parser.add_argument("--hetero-layers", help="depths of the --hetero branches, e.g. 6,3")
     parser.add_argument("--hetero-ranks", help="LoRA ranks of the --hetero branches, e.g. 8,4")
     parser.add_argument("--out", dest="out_dir", help="output folder (default fedsparse-run, "
@@ -50,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The RunConfig that parsed flags describe (flags over the TOML file over the defaults)."""
     overrides = {name: getattr(args, name, None) for name in list(_FLAGS.values()) +
-                 ["hetero", "bits", "head_scope", "mode", "out_dir", "progress", "arms", "hetero_layers",
+                 ["hetero", "bits", "head_scope", "mode", "head_fit", "out_dir", "progress", "arms", "hetero_layers",
                   "hetero_ranks"]}
     return make_config(quick=args.quick, toml=args.config, overrides=overrides)
 

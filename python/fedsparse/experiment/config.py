@@ -36,8 +36,10 @@ class RunConfig:
     group_size: int = 64
     topk: float = 0.25              # share of the elements of tensors without a head mask (lora_A, the
                                     # classifier) that the fedsparse arms upload: the largest; 1: all
-    score_batches: int = 1          # client batches scored (and losses taken) before local training
+    score_batches: int = 2          # client batches scored (and losses taken, the head fitted) per round
     explore: float = 0.1            # exploration share of loss-gap client selection
+    head_fit: str = "full"          # drop mode: the classification head is fitted on the full network's features
+                                    # of the scoring batches ("full") or trained on the pruned network's ("pruned")
     arms: list = field(default_factory=lambda: list(ARMS))
     # --hetero: clients of different depths and LoRA ranks, aggregated multi-branch
     hetero: bool = False
@@ -61,6 +63,7 @@ class RunConfig:
         need(0.0 <= self.sparsity < 1.0, "sparsity must be in [0, 1)")
         need(self.head_scope in ("global", "layer"), "head_scope must be 'global' or 'layer'")
         need(self.mode in ("drop", "freeze"), "mode must be 'drop' or 'freeze'")
+        need(self.head_fit in ("full", "pruned"), "head_fit must be 'full' or 'pruned'")
         need(self.bits in (8, 4, 2, 16, 32), "bits must be one of 32, 16, 8, 4, 2")
         need(0.0 < self.topk <= 1.0, "topk must be in (0, 1]")
         need(self.score_batches >= 1, "score_batches must be >= 1")

@@ -172,13 +172,21 @@ class ArmRunner:
     # -- client --------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _mean_loss(self, model, batches) -> float:
+    def _mean_loss(self, model, batches, feats: list | None = None) -> float:
+        """Mean loss over batches; given a list feats, appends each batch's pooled features (the head's input)."""
         model.eval()
+        hook = None
+        if feats is not None:
+            hook = _head(model).register_forward_hook(lambda mod, args, out: feats.append(args[0].detach().clone()))
         total, n = 0.0, 0
-        for idx in batches:
-            out = model(**self.fed.data.batch(idx))
-            total += out.loss.item() * len(idx)
-            n += len(idx)
+        try:
+            for idx in batches:
+                out = model(**self.fed.data.batch(idx))
+                total += out.loss.item() * len(idx)
+                n += len(idx)
+        finally:
+            if hook is not None:
+                hook.remove()
         return total / max(n, 1)
 
     def client_round(self, cid: int, rnd: int, download: bytes) -> tuple[bytes, dict]:
@@ -192,6 +200,10 @@ class ArmRunner:
         info: dict = {"client": cid, "branch": branch.name}
         meta: dict = {"client_id": cid, "round": rnd, "num_examples": fed.num_examples(cid),
                       "branch": branch.name, "num_layers": branch.n_layers}
+        # head_fit "full": in drop mode the pruned network's pooled features are far from the full network's
+        # (cosine ~0.5 at 90% sparsity), so a head trained on them is wrong for the model the server keeps.
+        # The head is then fitted on the full network's features of the scoring batches instead.
+        fit_full = arm.prune and arm.mode == "drop" and cfg.head_fit == "full"
 
         head_mask, pruning = None, None
         if arm.prune:
@@ -226,10 +238,8 @@ class ArmRunner:
                 losses.append(loss.item())
             info["train_s"] = time.perf_counter() - t_train
             info["train_loss"] = float(np.mean(losses))
-            if arm.needs_loss_stats:
+            if arm.needs_loss_stats and not fit_full:
                 local_loss = self._mean_loss(model, score_batches)
-                meta.update(global_loss=global_loss, local_loss=local_loss)
-                info.update(global_loss=global_loss, local_loss=local_loss)
             if arm.prune:
                 update, hm = lib.extract_update(model, head_mask)
                 update = {n: v.detach().float().cpu().numpy() for n, v in update.items()}
@@ -238,6 +248,17 @@ class ArmRunner:
         finally:
             if pruning is not None:
                 pruning.restore()
+        if fit_full:
+            # Every head back: the scoring batches through the full network with the locally trained LoRA (the
+            # model the server will hold), the head refitted from its start on those features, and the local
+            # loss taken from the refitted head, on the same network and data as the global loss.
+            feats: list = []
+            self._mean_loss(model, score_batches, feats)
+            head_update, local_loss = self._fit_head(model, start, feats, score_batches)
+            update.update(head_update)
+        if arm.needs_loss_stats:
+            meta.update(global_loss=global_loss, local_loss=local_loss)
+            info.update(global_loss=global_loss, local_loss=local_loss)
         if arm.freeze_lora_a:
             update = {n: v for n, v in update.items() if ".lora_A." not in n}
         delta = {n: v - start[n] for n, v in update.items()}
@@ -247,6 +268,28 @@ class ArmRunner:
                        topk=arm.topk if arm.topk < 1 else None, metadata=meta)
         info["ops"] = ops
         return payload, info
+
+    def _fit_head(self, model, start, feats, batches) -> tuple[dict, float]:
+        """The classification head trained alone from its start state on pooled features feats (labels of
+        batches): local_steps full-batch AdamW steps at the arm's lr. Returns (its adapter tensors, the loss
+        after). The model's head is left at the fitted value."""
+        cfg = self.cfg
+        names = [n for n in start if _is_head(n)]
+        load_adapter_state(model, {n: start[n] for n in names})
+        head = _head(model)
+        x = torch.cat(feats)
+        y = torch.cat([self.fed.data.batch(idx)["labels"] for idx in batches])
+        params = [p for p in head.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        for _ in range(cfg.local_steps):
+            loss = torch.nn.functional.cross_entropy(head(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            local_loss = float(torch.nn.functional.cross_entropy(head(x), y))
+        state = adapter_state(model)
+        return {n: state[n] for n in names}, local_loss
 
     def measure_ops(self, b, model, head_mask, train_batches) -> dict:
         """Training OPs of this client's local steps: count_ops (forward + backward) measured once per
@@ -302,7 +345,6 @@ class ArmRunner:
         # branch's layer l is layer l of the full model (the same pretrained weights), hence the identity map.
         fed = self.fed
         payloads = [p for ps in payloads_by_branch.values() for p in ps]
-        names = [br.name for br in fed.branches]
         agg = lib.aggregate(payloads, method="multibranch", inner=method, shared=SHARED_HETERO,
                             layer_map={br.name: {l: l for l in range(br.n_layers)} for br in fed.branches},
                             depths={br.name: br.n_layers for br in fed.branches},
@@ -357,6 +399,15 @@ class ArmRunner:
 # Under --hetero the classification head is the part every architecture shares: both depths learn to map
 # their pooled features into the space it reads. The LoRA factors differ in depth and rank, so stay local.
 SHARED_HETERO = r"(^|\.)classifier(\.|$)"
+
+
+def _head(model) -> torch.nn.Module:
+    """The classification head of a build_model model (peft's trainable copy wrapper)."""
+    return model.base_model.model.classifier
+
+
+def _is_head(name: str) -> bool:
+    return ".classifier." in name or name.endswith(".classifier")
 
 
 def _heads_updated(agg) -> int:
