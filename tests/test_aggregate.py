@@ -490,3 +490,14 @@ def test_bad_options():
         aggregate(ps, clip_norm=-1)
     with pytest.raises(AggregationError, match="trim"):
         aggregate(ps, method="trimmed_mean", trim=0.5)
+
+
+def test_headwise_untrained_tensor_does_not_dilute():
+    """A client whose tensor is all zeros (it did not train it) sends nothing of it under top-k, so headwise
+    keeps the other client's values instead of halving them."""
+    trained = {"a": np.arange(1, 9, dtype=np.float32).reshape(2, 4)}
+    untrained = {"a": np.zeros((2, 4), np.float32)}
+    ps = [fedsparse.pack(u, bits=32, topk=1.0, metadata={"client_id": i, "num_examples": 10})
+          for i, u in enumerate([trained, untrained])]
+    agg = fedsparse.aggregate(ps, method="headwise")
+    np.testing.assert_allclose(agg["a"], trained["a"])

@@ -144,6 +144,17 @@ def test_topk():
     assert native == ref
 
 
+def test_topk_never_sends_zeros():
+    x = np.zeros((8, 16), np.float32)
+    x[0, :3] = [1.0, -2.0, 0.5]  # 3 non-zeros, fewer than the 10% asked for
+    for bits in (32, 8, 4):
+        u = unpack(pack({"w": x, "z": np.zeros((4, 4), np.float32)}, bits=bits, topk=0.1))
+        assert u.element_masks["w"].sum() == 3 and u.element_masks["z"].sum() == 0
+        assert not u["z"].any()
+        native, ref = both_backends(lambda: pack({"w": x, "z": np.zeros(5, np.float32)}, bits=bits, topk=0.5))
+        assert native == ref
+
+
 def test_metadata_round_trip():
     meta = {"client_id": "c7", "round": 3, "num_examples": 120, "branch": None, "lr": 1e-4,
             "head_scores": np.linspace(0, 1, 72).reshape(6, 12)}

@@ -43,7 +43,8 @@ def pack(
         other factor travels whole. Pruned slices cost one mask bit each and decode as zeros.
     bits: 32 (lossless float32), 16 (float16), or 8/4/2 (blockwise absmax over group_size elements,
         float16 scales; rounding "nearest" or "stochastic", unbiased and seeded by seed).
-    topk: keep only this fraction of the largest-magnitude elements of tensors without a head mask.
+    topk: keep only this fraction of the largest-magnitude elements of tensors without a head mask (exact zeros
+        never travel).
     metadata: JSON-serializable values (client id, round, num_examples, ...); numpy arrays / torch
         tensors (e.g. head scores) travel losslessly (float16 ones as float16, others as float32) and
         come back as float32 numpy arrays.
@@ -169,18 +170,21 @@ def _split_metadata(metadata: Mapping, arrays: dict) -> tuple[bytes, dict]:
 
 
 def _topk_mask(x, fraction: float) -> np.ndarray:
+    """The largest-magnitude fraction of x's elements, exact zeros excluded: a zero carries no update, and
+    sending it would count as a vote for 0 in the server's element-wise weight sums (an untrained tensor,
+    e.g. lora_A of a layer with no kept head, would dilute the clients that trained it)."""
     if not isinstance(x, np.ndarray):  # a CUDA tensor: rank on the device, bring back only the mask
         import torch
 
         flat = x.reshape(-1).abs()
         mask = torch.zeros(flat.numel(), dtype=torch.bool, device=x.device)
         mask[flat.topk(max(1, int(round(fraction * flat.numel())))).indices] = True
-        return mask.cpu().numpy()
+        return (mask & (flat != 0)).cpu().numpy()
     flat = np.abs(x.reshape(-1))
     k = max(1, int(round(fraction * flat.size)))
     mask = np.zeros(flat.size, dtype=bool)
     mask[np.argpartition(flat, flat.size - k)[flat.size - k:]] = True
-    return mask
+    return mask & (flat != 0)
 
 
 def _encode_values(name, x, kind, n_heads, mask, mask_bytes, bits, group_size, stochastic, seed, nan_to_zero,
