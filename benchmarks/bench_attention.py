@@ -14,8 +14,9 @@ Shape (the issue's): B=8, H=20, S=256, D=32, float32. Every provider runs forwar
 Scoring (no gradient): head_confidence (fused: row max and sum of exp, never S x S) vs the eager way
 softmax(q k^T * scale).amax(-1).mean(-1); peak memory of each from torch.profiler's allocation events.
 
-Timing: the providers run interleaved, round after round (the machine is shared, so each round sees the same
-noise), each as one untimed call then a few timed ones; a figure is the median over rounds; each ratio is the median of the per-round ratios; "best" is the
+Timing: the providers run interleaved, round after round, in a new (seeded) order each round (the machine is
+shared, so each round sees the same noise; the shuffle keeps one provider's garbage, e.g. the naive one's freed
+tensors, from always landing on the same next provider), each as one untimed call then a few timed ones; a figure is the median over rounds; each ratio is the median of the per-round ratios; "best" is the
 fastest round (the least disturbed by other processes) and its ratio is best over best. Analytic FLOPs:
 forward 4·B·H·S²·D, backward 10·B·H·S²·D (flash recomputes q k^T), counted over the heads actually computed.
 
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from pathlib import Path
@@ -154,9 +156,12 @@ def main() -> None:
     for f in everything.values():  # warm up (first calls allocate and load kernels)
         f(), f()
     times = {name: [] for name in everything}
-    for _ in range(args.rounds):
-        for name, f in everything.items():
-            times[name].append(timed(f, 3 if name != "sdpa all heads" else 1))
+    order = random.Random(0)
+    for _ in range(args.rounds):  # a new order each round: no provider always follows the same neighbour
+        names = list(everything)
+        order.shuffle(names)
+        for name in names:
+            times[name].append(timed(everything[name], 3 if name != "sdpa all heads" else 1))
 
     def med(name):
         return statistics.median(times[name])
