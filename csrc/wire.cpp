@@ -299,10 +299,24 @@ py::list parse_many(const py::sequence& payloads, int64_t max_elements) {
   return out;
 }
 
+// A new bytes object of n bytes (n >= 2) and a writable uint8 array over its storage whose base is it: pack
+// writes the payload in place and returns the bytes, with no final copy (8.6 MB, and its page faults, for a
+// 64 MiB update at 8 bits). Sound because the object is fresh and private until pack returns it: nothing has
+// seen or hashed it (CPython shares only the 0- and 1-byte objects, hence n >= 2).
+py::array_t<uint8_t> payload_buffer(py::ssize_t n) {
+  FS_CHECK(n >= 2, "payload_buffer needs n >= 2");
+  PyObject* raw = PyBytes_FromStringAndSize(nullptr, n);
+  if (raw == nullptr) throw py::error_already_set();
+  py::bytes owner = py::reinterpret_steal<py::bytes>(raw);
+  return py::array_t<uint8_t>({n}, {py::ssize_t(1)}, reinterpret_cast<uint8_t*>(PyBytes_AS_STRING(raw)), owner);
+}
+
 }  // namespace
 }  // namespace fedsparse
 
 void init_wire(py::module_& m) {
+  m.def("payload_buffer", &fedsparse::payload_buffer, py::arg("n"),
+        "A writable uint8 array [n] over a new bytes object (its .base), for writing a payload in place.");
   m.def("parse_payload", &fedsparse::parse, py::arg("payload"), py::arg("max_elements"), py::arg("verify") = true,
         py::arg("compact") = false,
         "Validate a payload and return (version, group_size, meta_offset, meta_len, entries); raises "

@@ -144,6 +144,17 @@ def test_topk():
     assert native == ref
 
 
+def test_pack_returns_plain_bytes_nobody_else_holds():
+    """pack writes the payload in place into a new bytes object: once it returns, no writable view of it may
+    survive (the only references are the caller's)."""
+    import sys
+
+    p = pack({"w": np.ones((64, 64), np.float32)}, bits=8)
+    assert type(p) is bytes
+    assert sys.getrefcount(p) == 2  # p and getrefcount's argument
+    assert unpack(p)["w"].sum() == 64 * 64
+
+
 def test_topk_never_sends_zeros():
     x = np.zeros((8, 16), np.float32)
     x[0, :3] = [1.0, -2.0, 0.5]  # 3 non-zeros, fewer than the 10% asked for

@@ -117,7 +117,10 @@ def encode_table_entry(prev_name: bytes, name: bytes, dtype: str, bits: int, kin
 def new_payload(group_size: int, meta_json: bytes, table: list[bytes], data_nbytes: int) -> tuple[np.ndarray, int]:
     """(uint8 buffer of the whole payload with header, metadata and table written, offset of the data)."""
     head = b"".join([HEADER.pack(MAGIC, VERSION, 0, group_size, len(table), len(meta_json)), meta_json, *table])
-    out = np.empty(len(head) + data_nbytes + CRC_SIZE, dtype=np.uint8)
+    n = len(head) + data_nbytes + CRC_SIZE
+    native = _backend.native
+    # Natively: an array over a fresh bytes object, so that seal_payload returns it without a copy.
+    out = native.payload_buffer(n) if native is not None and hasattr(native, "payload_buffer") else np.empty(n, np.uint8)
     out[:len(head)] = np.frombuffer(head, np.uint8)
     return out, len(head)
 
@@ -126,7 +129,7 @@ def seal_payload(out: np.ndarray) -> bytes:
     """Write the CRC of everything before it into the last 4 bytes; return the payload."""
     crc32 = _backend.native.crc32 if _backend.native is not None else zlib.crc32  # same value, faster
     out[-CRC_SIZE:] = np.frombuffer(struct.pack("<I", crc32(out[:-CRC_SIZE])), np.uint8)
-    return out.tobytes()
+    return out.base if type(out.base) is bytes else out.tobytes()
 
 
 def write_payload(group_size: int, meta_json: bytes, table: list[bytes], sections: list[bytes]) -> bytes:
