@@ -501,3 +501,26 @@ def test_headwise_untrained_tensor_does_not_dilute():
           for i, u in enumerate([trained, untrained])]
     agg = fedsparse.aggregate(ps, method="headwise")
     np.testing.assert_allclose(agg["a"], trained["a"])
+
+
+@pytest.mark.skipif(not fedsparse.has_native(), reason="native module not built")
+@pytest.mark.parametrize("n, batch", [(6, 2), (5, 2), (3, 8)])
+def test_kernel_error_of_a_batch_folded_in_the_background_reaches_the_caller(monkeypatch, n, batch):
+    """flush() folds a full batch in on a worker thread; an error there is raised in the caller's thread,
+    naming the client, whether the batch is the last one or not."""
+    from fedsparse import _backend
+
+    real = _backend.native
+
+    class Failing:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def accumulate(self, payloads, *rest):
+            if len(payloads) == 2 or len(payloads) < batch:
+                raise ValueError("fedsparse: payload 1: plan row 0: bad kept count")
+            return real.accumulate(payloads, *rest)
+
+    monkeypatch.setattr(_backend, "native", Failing())
+    with pytest.raises(PayloadError, match=r"client 'c1': fedsparse: payload 1: plan row 0: bad kept count"):
+        fedsparse.aggregate(make_payloads(n), method="headwise", batch=batch)

@@ -13,6 +13,7 @@ that needs a finer granularity upgrades the sums by broadcasting them.
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
@@ -182,6 +183,8 @@ class Accumulator:
         self.track, self.use_scores, self.label = track_sums, use_scores, label
         self.batch = max(1, int(batch))
         self._pending: list = []
+        self._worker: threading.Thread | None = None  # the batch being folded in (flush(wait=False))
+        self._error: BaseException | None = None
         self.tensors: dict = {}
         self.order: list = []
         self.acc = None
@@ -329,28 +332,50 @@ class Accumulator:
         if _backend.native is not None:
             self._pending.append((client, plan, w, float(scale)))
             if len(self._pending) >= self.batch:
-                self.flush()
+                self.flush(wait=False)
         else:
             self._add_numpy(client, plan, w, scale)
         self.total_weight += weight
         self.n_clients += 1
 
-    def flush(self) -> None:
-        """Fold the pending payloads in (one native call: the kernel blocks the output across them)."""
-        if not self._pending:
-            return
-        batch, self._pending = self._pending, []
+    def flush(self, wait: bool = True) -> None:
+        """Fold the pending payloads in: one native call (the kernel blocks the output across them), run on a
+        worker thread so that the caller parses and plans the next batch meanwhile; wait=True returns when
+        every batch so far is in."""
+        self._join()
+        if self._pending:
+            batch, self._pending = self._pending, []
+            args = ([c.buffer for c, *_ in batch], [p for _, p, _, _ in batch], [w for *_, w, _ in batch],
+                    [s for *_, s in batch], [c.group_size for c, *_ in batch], self.acc, self.wsum, self.counts)
+            if wait:
+                self._run(batch, args)
+            else:
+                self._worker = threading.Thread(target=self._run, args=(batch, args), daemon=True)
+                self._worker.start()
+        if wait:
+            self._join()
+
+    def _run(self, batch, args) -> None:
         try:
-            _backend.native.accumulate([c.buffer for c, *_ in batch], [p for _, p, _, _ in batch],
-                                       [w for *_, w, _ in batch], [s for *_, s in batch],
-                                       [c.group_size for c, *_ in batch], self.acc, self.wsum, self.counts)
+            _backend.native.accumulate(*args)
         except ValueError as exc:  # the batch is checked whole before anything is written
             msg = str(exc)
             who = "a client of the batch"
             if msg.startswith("fedsparse: payload "):
                 index = int(msg.split()[2].rstrip(":"))
                 who = client_label(batch[index][0].cid)
-            raise PayloadError(f"{who}: {msg}") from None
+            self._error = PayloadError(f"{who}: {msg}")
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            self._error = exc
+
+    def _join(self) -> None:
+        """Wait for the batch on the worker thread; raise its error here."""
+        if self._worker is not None:
+            self._worker.join()
+            self._worker = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
 
     def _add_numpy(self, client: Client, plan, w, scale) -> None:
         """The same as the kernel, through the reference decoder (no native module)."""
