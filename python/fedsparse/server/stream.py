@@ -115,13 +115,10 @@ def _client(payload, parsed, position: int, max_elements: int) -> Client:
             layout = Layout(version, gs, mo, ml, None)  # entries read on demand
             client = Client(payload, version, gs, bytes(memoryview(payload)[mo + ml:table_end]), spans, None,
                             max_elements)
-    except PayloadError as exc:
-        raise PayloadError(f"client #{position}: {exc}") from None
-    client.position = position
-    try:
         client.metadata = read_metadata(client.buffer, layout, meta_entries)
     except PayloadError as exc:
         raise PayloadError(f"client #{position}: {exc}") from None
+    client.position = position
     client.cid = client_id(client.metadata, position)
     if client._layout is not None:
         _check_names(client._layout, client.cid)
