@@ -52,6 +52,17 @@ def loss(h, valid):
     return ((h * w).sum(-1).pow(2) * valid).sum()
 
 
+def train_steps(family, model, kw, pruning, steps: int, **adamw) -> None:
+    """steps AdamW steps (lr 1e-2) of the trainable parameters on loss(), with pruning attached."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, **adamw)
+    pruning.attach(opt)
+    for _ in range(steps):
+        h, valid = out_and_valid(family, model, kw)
+        loss(h, valid).backward()
+        opt.step()
+        opt.zero_grad()
+
+
 def a_mask(n_layers: int) -> HeadMask:
     m = np.zeros((n_layers, 4), dtype=bool)
     m[0, [1, 3]] = True  # layer 0: two heads (for Llama: both kv groups)
@@ -155,13 +166,7 @@ def test_pruned_slices_never_change_while_training(mode):
         with torch.no_grad():
             torch.testing.assert_close(model(**kw).last_hidden_state, before_out)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
-    pruning.attach(opt)
-    for _ in range(2):
-        h, valid = out_and_valid("llama", model, kw)
-        loss(h, valid).backward()
-        opt.step()
-        opt.zero_grad()
+    train_steps("llama", model, kw, pruning, 2, weight_decay=0.1)
     params = dict(model.named_parameters())
     for layer, row in zip(hf.attention_layers(model), mask.mask):
         masks = peft_tools.role_masks(layer, row)
@@ -239,14 +244,7 @@ def test_training_steps_leave_no_graph_behind(mode):
     model = lora_model("bert")
     kw = batch("bert")
     pruning = peft_tools.prune(model, a_mask(2), mode=mode)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    pruning.attach(opt)
-    for _ in range(3):
-        h, valid = out_and_valid("bert", model, kw)
-        loss(h, valid).backward()
-        opt.step()
-        opt.zero_grad()
-    del h, valid
+    train_steps("bert", model, kw, pruning, 3)
     gc.collect()
     assert not [o for o in gc.get_objects() if type(o) is pa._CpuPlan]
     pruning.restore()
