@@ -9,7 +9,7 @@
     (a) unpack+numpy  fedsparse.unpack(p), then acc[name] += w * update[name] in numpy (fedavg, no per-head
                       weights: the cheapest thing a server could do with unpack)
     (b) read once     one pass over every payload byte (numpy uint64 sum): the memory-bandwidth limit
-    parse only        fedsparse's native parser (CRC-32 + validation, 16 payloads at a time in parallel, as
+    parse only        fedsparse's native parser (CRC-32 + validation, 32 payloads at a time in parallel, as
                       aggregate() does) and the metadata: the floor of any path that verifies payloads
                       (and its CRC-32 alone, one thread)
     accumulate only   the native kernel calls alone (pre-parsed, pre-planned)
@@ -81,7 +81,7 @@ def read_once(payloads):
     return s
 
 
-def parse_only(payloads, batch: int = 16):
+def parse_only(payloads, batch: int = 32):
     for i in range(0, len(payloads), batch):
         read_clients(payloads[i:i + batch], i)
 

@@ -147,7 +147,7 @@ def aggregate(
     target_depth: int | None = None,
     inner: str = "headwise",
     max_elements: int = DEFAULT_MAX_ELEMENTS,
-    batch: int = 16,
+    batch: int = 32,
 ) -> AggregateResult:
     """Aggregate packed client updates (bytes from fedsparse.pack, or PackedUpdate) in one pass.
 

@@ -32,7 +32,7 @@ PER_TENSOR, PER_HEAD, PER_ELEMENT = 0, 1, 2
 _HEAD_KINDS = (KIND_HEAD_ROWS, KIND_HEAD_COLS)
 
 
-_SPAN = [C_MASK, C_KEPT, C_BITS, C_DATA, C_NBYTES]  # the columns of Client.spans, in order
+_SPAN = slice(C_MASK, C_NBYTES + 1)  # the columns of Client.spans: mask_offset .. data_nbytes, in order
 
 
 class Client:
@@ -176,7 +176,7 @@ class Accumulator:
     use_scores: weight heads by the clients' head_scores metadata (headwise).
     """
 
-    def __init__(self, *, track_sums: bool, use_scores: bool, label: str = "", batch: int = 16):
+    def __init__(self, *, track_sums: bool, use_scores: bool, label: str = "", batch: int = 32):
         self.track, self.use_scores, self.label = track_sums, use_scores, label
         self.batch = max(1, int(batch))
         self._pending: list = []
@@ -451,23 +451,25 @@ class Accumulator:
         self.check_base(base)
         total = self.total_weight
         tensors, covered, head_counts, head_weights = {}, {}, {}, {}
+        if self.track:  # every tensor's sums at once; the loop below takes slices
+            inv_all = np.divide(np.float32(1), self.wsum, out=np.zeros_like(self.wsum), where=self.wsum > 0)
+            counts_all = np.rint(self.counts).astype(np.int32)
+            share_all = self.wsum / np.float32(total)
         for n in self.order:
             t = self.tensors[n]
             a = self.acc[t.acc_off:t.acc_off + t.numel]
             b = None
             if base is not None and n in base:
                 b = np.asarray(base[n], dtype=np.float32).reshape(-1)
-            ws = self.wsum[t.wsum_off:t.wsum_off + t.n_units] if self.track else None
-            if self.track:
-                cnt = self.counts[t.wsum_off:t.wsum_off + t.n_units]
-                if t.mode == PER_HEAD:
-                    head_counts[n] = np.rint(cnt).astype(np.int32)
-                    head_weights[n] = ws / np.float32(total)
+            units = slice(t.wsum_off, t.wsum_off + t.n_units)
+            ws = self.wsum[units] if self.track else None
+            if self.track and t.mode == PER_HEAD:
+                head_counts[n] = counts_all[units]
+                head_weights[n] = share_all[units]
             if method == "headwise":
                 pos = None
                 if t.mode == PER_HEAD:  # per-head divide without a full-size temporary
-                    inv = np.where(ws > 0, 1 / np.where(ws > 0, ws, 1), 0).astype(np.float32)
-                    _matrix(a, t)[...] *= _head_broadcast(inv, t)
+                    _per_head(a, t)[...] *= _per_head(inv_all[units], t, axis=True)
                 elif t.mode == PER_TENSOR:
                     a *= np.float32(1 / ws[0]) if ws[0] > 0 else np.float32(0)
                 else:
@@ -496,16 +498,13 @@ class Accumulator:
         return {n: self.tensors[n].dtype for n in self.order}
 
 
-def _matrix(a: np.ndarray, t: _Tensor) -> np.ndarray:
-    r, c = matrix_view(t.shape, t.hkind)
-    return a.reshape(r, c) if t.mode == PER_HEAD else a
-
-
-def _head_broadcast(v: np.ndarray, t: _Tensor) -> np.ndarray:
+def _per_head(a: np.ndarray, t: _Tensor, axis: bool = False) -> np.ndarray:
+    """A per-head tensor's elements as [H, n] (head rows) or [rows, H, n] (head columns), or with axis=True
+    per-head values [H] shaped to broadcast against that view."""
     r, c = matrix_view(t.shape, t.hkind)
     if t.hkind == KIND_HEAD_ROWS:
-        return np.repeat(v, r // t.H)[:, None]
-    return np.repeat(v, c // t.H)[None, :]
+        return a.reshape(t.H, 1) if axis else a.reshape(t.H, -1)
+    return a.reshape(1, t.H, 1) if axis else a.reshape(r, t.H, c // t.H)
 
 
 # -- head scores: a flat vector per client plus a cached index, so the per-payload cost is one gather --------
