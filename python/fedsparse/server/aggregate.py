@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -16,7 +17,7 @@ from .hetero import HETERO_METHODS, HeteroAccumulator
 from .meta import AggregationError, branch_of, client_label, layer_index, num_examples, replace_layer
 from .reference import is_shared_fn, layer_mapper
 from .robust import robust_aggregate
-from .stream import Accumulator, read_clients
+from .stream import Accumulator, clients_from, verify_chunk
 
 METHODS = ("fedavg", "headwise", "median", "trimmed_mean", "multibranch") + HETERO_METHODS
 
@@ -195,8 +196,8 @@ def aggregate(
     seen = set()
 
     def clients():
-        for start, chunk in _chunks(payloads, batch):
-            for c in read_clients(chunk, start, max_elements):
+        for start, bufs, parsed in _verified_chunks(payloads, batch, max_elements):
+            for c in clients_from(bufs, parsed, start, max_elements):
                 if c.cid in seen:
                     raise AggregationError(f"{client_label(c.cid)} appears twice", client=c.cid)
                 seen.add(c.cid)
@@ -251,6 +252,22 @@ def _chunks(items: Iterable, n: int):
     while chunk := list(itertools.islice(it, n)):
         yield start, chunk
         start += len(chunk)
+
+
+def _verified_chunks(payloads: Iterable, n: int, max_elements: int):
+    """(start, buffers, parsed) per chunk of _chunks, for clients_from. The next chunk is verified on a helper
+    thread (native, without the GIL) while the caller plans and folds in this one, so at most two chunks are
+    held at once. Errors come out in payload order."""
+    chunks = _chunks(payloads, n)
+    with ThreadPoolExecutor(1, thread_name_prefix="fedsparse-verify") as pool:
+        nxt = next(chunks, None)
+        pending = pool.submit(verify_chunk, nxt[1], nxt[0], max_elements) if nxt else None
+        while pending is not None:
+            start = nxt[0]
+            bufs, parsed = pending.result()
+            nxt = next(chunks, None)
+            pending = pool.submit(verify_chunk, nxt[1], nxt[0], max_elements) if nxt else None
+            yield start, bufs, parsed
 
 
 def acc_probe(c) -> float:

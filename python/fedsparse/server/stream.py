@@ -85,6 +85,12 @@ def read_client(payload, position: int, max_elements: int = DEFAULT_MAX_ELEMENTS
 def read_clients(payloads, start: int, max_elements: int = DEFAULT_MAX_ELEMENTS) -> list:
     """read_client of payloads at positions start, start + 1, ...; the native parser verifies the raw ones in
     parallel. The first bad payload (in order) raises."""
+    return clients_from(*verify_chunk(payloads, start, max_elements), start, max_elements)
+
+
+def verify_chunk(payloads, start: int, max_elements: int = DEFAULT_MAX_ELEMENTS) -> tuple:
+    """The native half of read_clients (type checks, then CRC and structure, without the GIL for the bulk):
+    -> (buffers, {index: parsed or error text}) for clients_from. Safe to run on another thread."""
     native = _backend.native
     raw = []
     for i, p in enumerate(payloads):
@@ -95,6 +101,11 @@ def read_clients(payloads, start: int, max_elements: int = DEFAULT_MAX_ELEMENTS)
             raw.append(i)
     bufs = [bytes(p) if isinstance(p, bytearray) else p for p in payloads]
     parsed = dict(zip(raw, native.parse_payloads([bufs[i] for i in raw], max_elements))) if native and raw else {}
+    return bufs, parsed
+
+
+def clients_from(bufs, parsed, start: int, max_elements: int = DEFAULT_MAX_ELEMENTS) -> list:
+    """The Python half of read_clients: metadata and ids; raises for the first bad payload."""
     return [_client(bufs[i], parsed.get(i), start + i, max_elements) for i in range(len(bufs))]
 
 
