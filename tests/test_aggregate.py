@@ -482,6 +482,41 @@ def test_malformed_payload_names_the_client():
         aggregate(ps[0])
 
 
+def test_errors_come_in_payload_order_across_batches():
+    """The next batch is verified ahead on a helper thread: its errors must not overtake an earlier one."""
+    ps = make_payloads(6, seed=21)
+    bad_crc = ps[5][:-1] + bytes([ps[5][-1] ^ 1])
+    dup = ps[0]  # client 'c0' again, in the first batch
+    with pytest.raises(AggregationError, match=r"client 'c0' appears twice"):
+        aggregate([ps[0], ps[1], dup, ps[3], ps[4], bad_crc], batch=3)
+    with pytest.raises(PayloadError, match=r"client #5: CRC mismatch"):
+        aggregate(ps[:5] + [bad_crc], batch=3)
+    with pytest.raises(PayloadError, match=r"client #4: payload must be bytes-like"):
+        aggregate(ps[:4] + ["not bytes", bad_crc], batch=2)
+
+
+def test_iterator_is_read_at_most_one_batch_ahead(monkeypatch):
+    import fedsparse.server.stream as stream
+    ps = make_payloads(12, seed=22)
+    pulled, ahead = [], []
+
+    def gen():
+        for i, p in enumerate(ps):
+            pulled.append(i)
+            yield p
+
+    add = stream.Accumulator.add
+
+    def spy(self, client, *a, **k):  # when a client is planned, how far has the iterator been read?
+        ahead.append(len(pulled) - client.position)
+        return add(self, client, *a, **k)
+
+    monkeypatch.setattr(stream.Accumulator, "add", spy)
+    res = aggregate(gen(), batch=2)
+    assert_close(res, aggregate(ps, batch=2))
+    assert max(ahead) <= 2 * 2  # the client's own batch and the one verified ahead
+
+
 def test_bad_options():
     ps = make_payloads(2)
     with pytest.raises(ValueError, match="method must be one of"):

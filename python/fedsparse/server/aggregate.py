@@ -173,7 +173,8 @@ def aggregate(
     base: the previous global state (name -> array), for what nobody sent. Never modified.
     clip_norm: scale each client's update to L2 norm <= clip_norm first.
     batch: how many parsed payloads the native kernel folds in per call (it blocks the output across them, so
-        it stays in cache); from an iterator that many payloads are held at once. 1 holds only one.
+        it stays in cache). From an iterator, at most three batches of payloads are held at once: one being
+        folded in, one being planned, and the next one being verified ahead.
     max_elements: per-payload cap on declared tensor elements (fedsparse.unpack's).
 
     Errors (nothing is returned, nothing given is modified): no payloads, different format versions,
@@ -256,8 +257,8 @@ def _chunks(items: Iterable, n: int):
 
 def _verified_chunks(payloads: Iterable, n: int, max_elements: int):
     """(start, buffers, parsed) per chunk of _chunks, for clients_from. The next chunk is verified on a helper
-    thread (native, without the GIL) while the caller plans and folds in this one, so at most two chunks are
-    held at once. Errors come out in payload order."""
+    thread (native, without the GIL for the bulk) while the caller plans and folds in this one. Errors come out
+    in payload order."""
     chunks = _chunks(payloads, n)
     with ThreadPoolExecutor(1, thread_name_prefix="fedsparse-verify") as pool:
         nxt = next(chunks, None)
