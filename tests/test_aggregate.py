@@ -498,6 +498,7 @@ def test_errors_come_in_payload_order_across_batches():
 def test_iterator_is_read_at_most_one_batch_ahead(monkeypatch):
     import fedsparse.server.stream as stream
     ps = make_payloads(12, seed=22)
+    expected = aggregate(ps, batch=2)
     pulled, ahead = [], []
 
     def gen():
@@ -512,9 +513,8 @@ def test_iterator_is_read_at_most_one_batch_ahead(monkeypatch):
         return add(self, client, *a, **k)
 
     monkeypatch.setattr(stream.Accumulator, "add", spy)
-    res = aggregate(gen(), batch=2)
-    assert_close(res, aggregate(ps, batch=2))
-    assert max(ahead) <= 2 * 2  # the client's own batch and the one verified ahead
+    assert_close(aggregate(gen(), batch=2), expected)
+    assert len(ahead) == 12 and max(ahead) <= 2 * 2  # the client's own batch and the one verified ahead
 
 
 def test_bad_options():
