@@ -517,6 +517,24 @@ def test_iterator_is_read_at_most_one_batch_ahead(monkeypatch):
     assert len(ahead) == 12 and max(ahead) <= 2 * 2  # the client's own batch and the one verified ahead
 
 
+def test_clipping_reads_each_tensor_table_once(monkeypatch):
+    """The norm's plan is cached by tensor table: clients after the first never have their table re-read."""
+    import fedsparse.server.stream as stream
+    ps = make_payloads(6, seed=23)
+    expected = aggregate(ps, clip_norm=3.0)
+    stream._NORM_PLANS.clear()
+    reads = []
+    layout = stream.Client.layout
+
+    def spy(client):
+        reads.append(client.position)
+        return layout.fget(client)
+
+    monkeypatch.setattr(stream.Client, "layout", property(spy))
+    assert_close(aggregate(ps, clip_norm=3.0), expected)
+    assert set(reads) == {0}
+
+
 def test_bad_options():
     ps = make_payloads(2)
     with pytest.raises(ValueError, match="method must be one of"):

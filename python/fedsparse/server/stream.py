@@ -427,11 +427,9 @@ class Accumulator:
         """||update||^2 of a client (for norm clipping)."""
         native = _backend.native
         if native is not None:
-            plan = np.zeros((len(client.tensors), N_COLS), np.int64)
-            for i, e in enumerate(client.tensors):
-                r, c = matrix_view(e.shape, e.kind)
-                plan[i, [C_KIND, C_ROWS, C_COLS, C_HEADS, C_MASK, C_KEPT, C_BITS, C_DATA, C_NBYTES, C_WSUM]] = (
-                    e.kind, r, c, e.n_heads, e.mask_offset, e.n_kept, e.bits, e.data_offset, e.data_nbytes, -1)
+            rows, tensor_rows = _norm_plan(client)
+            plan = rows.copy()
+            plan[:, _SPAN] = client.spans[tensor_rows]
             try:
                 return float(native.sum_squares(client.buffer, plan, client.group_size))
             except ValueError as exc:
@@ -507,6 +505,25 @@ class Accumulator:
 
     def dtypes(self) -> dict:
         return {n: self.tensors[n].dtype for n in self.order}
+
+
+_NORM_PLANS: dict = {}  # tensor table bytes -> (plan rows without spans, indices of the tensor entries)
+
+
+def _norm_plan(client: Client) -> tuple:
+    """sum_squares' plan for this client's tensor table, cached by the table (a function of it alone), so a
+    server that has seen the table never re-reads it, whichever Accumulator asks."""
+    hit = _NORM_PLANS.get(client.table)
+    if hit is None:
+        rows = np.zeros((len(client.tensors), N_COLS), np.int64)
+        for i, e in enumerate(client.tensors):
+            r, c = matrix_view(e.shape, e.kind)
+            rows[i, [C_KIND, C_ROWS, C_COLS, C_HEADS, C_WSUM]] = (e.kind, r, c, e.n_heads, -1)
+        tensor_rows = np.array([i for i, e in enumerate(client.layout.entries) if not e.is_meta], np.int64)
+        if len(_NORM_PLANS) >= 64:
+            _NORM_PLANS.clear()
+        hit = _NORM_PLANS[client.table] = (rows, tensor_rows)
+    return hit
 
 
 def _per_head(a: np.ndarray, t: _Tensor, axis: bool = False) -> np.ndarray:
