@@ -535,6 +535,19 @@ def test_clipping_reads_each_tensor_table_once(monkeypatch):
     assert set(reads) == {0}
 
 
+def test_tensor_rows_slice_or_index():
+    from types import SimpleNamespace as NS
+
+    from fedsparse.server.stream import _tensor_rows
+
+    def client(flags):
+        return NS(layout=NS(entries=[NS(is_meta=m) for m in flags]))
+
+    assert _tensor_rows(client([True, False, False, True])) == slice(1, 3)
+    assert _tensor_rows(client([True])) == slice(0, 0)
+    np.testing.assert_array_equal(_tensor_rows(client([False, True, False])), [0, 2])
+
+
 def test_bad_options():
     ps = make_payloads(2)
     with pytest.raises(ValueError, match="method must be one of"):

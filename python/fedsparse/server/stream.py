@@ -293,8 +293,7 @@ class Accumulator:
                 kind, r, c, H, t.acc_off, w_off, t.wsum_off if self.track else -1, mode)
             slots.append((e.name, kind, H, w_off, nw))
             w_off += nw
-        tensor_rows = np.array([i for i, e in enumerate(client.layout.entries) if not e.is_meta], np.int64)
-        hit = (rows, slots, w_off, all_kept, {}, tensor_rows)
+        hit = (rows, slots, w_off, np.flatnonzero(all_kept), {}, _tensor_rows(client))
         self._plans[key] = hit
         return hit
 
@@ -335,7 +334,8 @@ class Accumulator:
         rows, slots, n_slots, all_kept, cache, tensor_rows = self._plan_for(client)
         plan = rows.copy()
         plan[:, _SPAN] = client.spans[tensor_rows]
-        plan[all_kept, C_MASK] = -1
+        if all_kept.size:
+            plan[all_kept, C_MASK] = -1
         w = self._unit_weights(client, weight, slots, n_slots, cache)
         if _backend.native is not None:
             self._pending.append((client, plan, w, float(scale)))
@@ -507,6 +507,17 @@ class Accumulator:
         return {n: self.tensors[n].dtype for n in self.order}
 
 
+def _tensor_rows(client: Client):
+    """Which rows of client.spans are tensors (not metadata): a slice when they are consecutive (the usual
+    case: a view, no gather per payload), else an index array."""
+    rows = [i for i, e in enumerate(client.layout.entries) if not e.is_meta]
+    if not rows:
+        return slice(0, 0)
+    if rows[-1] - rows[0] + 1 == len(rows):  # ascending and distinct: consecutive
+        return slice(rows[0], rows[-1] + 1)
+    return np.array(rows, np.int64)
+
+
 _NORM_PLANS: dict = {}  # tensor table bytes -> (plan rows without spans, indices of the tensor entries)
 
 
@@ -519,10 +530,9 @@ def _norm_plan(client: Client) -> tuple:
         for i, e in enumerate(client.tensors):
             r, c = matrix_view(e.shape, e.kind)
             rows[i, [C_KIND, C_ROWS, C_COLS, C_HEADS, C_WSUM]] = (e.kind, r, c, e.n_heads, -1)
-        tensor_rows = np.array([i for i, e in enumerate(client.layout.entries) if not e.is_meta], np.int64)
         if len(_NORM_PLANS) >= 64:
             _NORM_PLANS.clear()
-        hit = _NORM_PLANS[client.table] = (rows, tensor_rows)
+        hit = _NORM_PLANS[client.table] = (rows, _tensor_rows(client))
     return hit
 
 
