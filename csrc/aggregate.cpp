@@ -122,10 +122,14 @@ FS_AGG_HOT void axpy_f32(float* __restrict acc, const float* __restrict x, int64
   for (int64_t i = 0; i < n; ++i) acc[i] += x[i] * f;
 }
 FS_AGG_HOT double sumsq_u8(const uint8_t* __restrict c, int64_t n) {
-  int64_t s = 0;  // exact: 127**2 * n fits easily
-  for (int64_t i = 0; i < n; ++i) {
-    const int v = int(c[i]) - 128;
-    s += v * v;
+  int64_t s = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += 65536) {  // exact in int32 per 65536 codes: 128**2 * 65536 = 2**30
+    int32_t part = 0;  // int32 lanes: the loop vectorizes to multiply-add of 16-bit pairs
+    for (int64_t i = i0; i < std::min(n, i0 + 65536); ++i) {
+      const int16_t v = int16_t(int(c[i]) - 128);
+      part += int32_t(v) * v;
+    }
+    s += part;
   }
   return double(s);
 }
@@ -342,6 +346,32 @@ void run_range(const Tensor& t, int64_t k0, int64_t cnt, int64_t gs, float scale
   }
 }
 
+// Sum of squares of the dequantized values of one work item (float64, groups in order).
+double item_sum_squares(const Plan& plan, const Item& it, std::vector<float>& buf) {
+  const Tensor& t = plan.tensors[size_t(it.t)];
+  const int64_t gsz = t.bits <= 8 ? plan.gs : kChunk;
+  if (t.bits != 8 && buf.empty()) buf.resize(size_t(std::max<int64_t>(plan.gs, kChunk)));
+  double s = 0;
+  for (int64_t g0 = it.k0; g0 < it.k0 + it.cnt; g0 += gsz) {
+    const int64_t cnt = std::min(gsz, it.k0 + it.cnt - g0);
+    if (t.bits == 8) {
+      const int64_t g = g0 / gsz, n_groups = (t.n_kept + gsz - 1) / gsz;
+      const double step = double(f16_to_f32(load_u16le(t.values + 4 + 2 * g)) * load_f32le(t.values));
+      s += sumsq_u8(t.values + 4 + 2 * n_groups + g0, cnt) * step * step;
+    } else {
+      decode(t, g0, cnt, gsz, buf.data());
+      s += sumsq_f32(buf.data(), cnt);
+    }
+  }
+  return s;
+}
+
+// Norm clipping's factor (as aggregate()'s _clip_scale): min(1, clip / ||x||), 1 for a zero update.
+double clip_factor(double sumsq, double clip) {
+  const double norm = std::sqrt(sumsq);
+  return norm > 0 ? std::min(1.0, clip / norm) : 1.0;
+}
+
 // A batch of payloads into the same accumulators: acc += scale_b * w * dequantize(tensor) for every tensor of
 // every payload b, and wsum += w, counts += 1 for the tensors / heads / elements that travelled.
 //
@@ -360,7 +390,8 @@ struct Unit {
 
 void accumulate(const py::sequence& payloads, const py::sequence& plans, const py::sequence& weights,
                 const py::sequence& scales_seq, const py::sequence& group_sizes, const py::buffer& acc_b,
-                const py::buffer& wsum_b, const py::buffer& counts_b) {
+                const py::buffer& wsum_b, const py::buffer& counts_b, double clip_norm) {
+  FS_CHECK(clip_norm == 0 || (std::isfinite(clip_norm) && clip_norm > 0), "clip_norm must be 0 (off) or > 0");
   const size_t B = py::len(payloads);
   FS_CHECK(py::len(plans) == B && py::len(weights) == B && py::len(scales_seq) == B && py::len(group_sizes) == B,
            "payloads, plans, weights, scales and group_sizes must have the same length");
@@ -407,7 +438,7 @@ void accumulate(const py::sequence& payloads, const py::sequence& plans, const p
     to.n_wsum = int64_t(si.size);
     to.present = true;
     try {
-      batch[b] = build_plan(payload, py::buffer(plans[b]), py::cast<int64_t>(group_sizes[b]), to);
+      batch[b] = build_plan(payload, py::buffer(plans[b]), py::cast<int64_t>(group_sizes[b]), to, clip_norm > 0);
     } catch (const std::invalid_argument& e) {
       throw std::invalid_argument(at(b) + e.what());
     }
@@ -444,6 +475,15 @@ void accumulate(const py::sequence& payloads, const py::sequence& plans, const p
   for (const Plan& p : batch) total_kept += p.total_kept;
 
   py::gil_scoped_release nogil;
+  const int threads = total_kept > kSerialBelow ? max_threads() : 1;
+  std::vector<std::vector<float>> bufs(static_cast<size_t>(threads));
+  if (clip_norm > 0) {  // each payload's norm first (its items in order, one payload per thread at a time)
+    parallel_units(int64_t(B), threads, [&](int64_t b, int tid) {
+      double s = 0;
+      for (const Item& it : batch[size_t(b)].items) s += item_sum_squares(batch[size_t(b)], it, bufs[size_t(tid)]);
+      scale[size_t(b)] = float(double(scale[size_t(b)]) * clip_factor(s, clip_norm));
+    });
+  }
   for (const Plan& p : batch)  // per-head and per-tensor weight sums: tiny, serial, in payload order
     for (const Tensor& t : p.tensors) {
       if (!t.wsum) continue;
@@ -460,10 +500,8 @@ void accumulate(const py::sequence& payloads, const py::sequence& plans, const p
   // Threads take runs of consecutive blocks (a quarter of their share at a time, dynamically): the codes of
   // consecutive blocks lie next to each other in every payload, so the prefetch ahead and the hardware
   // prefetcher serve the thread that reads them. Handing out single blocks made 2 threads only 1.14x one.
-  const int threads = total_kept > kSerialBelow ? max_threads() : 1;
   const int64_t n_units = int64_t(units.size());
   const int64_t run = std::max<int64_t>(1, n_units / (4 * int64_t(threads)));
-  std::vector<std::vector<float>> bufs(static_cast<size_t>(threads));
   parallel_units((n_units + run - 1) / run, threads, [&](int64_t r, int tid) {
     std::vector<float>& buf = bufs[size_t(tid)];
     for (int64_t u = r * run; u < std::min(n_units, (r + 1) * run); ++u) {
@@ -491,24 +529,7 @@ double sum_squares(const py::buffer& payload_b, const py::buffer& plan_b, int64_
   std::vector<std::vector<float>> bufs(static_cast<size_t>(threads));
   std::vector<double> part(size_t(n_items), 0.0);  // per item, summed in order: the same result on any thread count
   parallel_units(n_items, threads, [&](int64_t i, int tid) {
-    std::vector<float>& buf = bufs[size_t(tid)];
-    if (buf.empty()) buf.resize(size_t(std::max<int64_t>(plan.gs, kChunk)));
-    const Item& it = plan.items[size_t(i)];
-    const Tensor& t = plan.tensors[size_t(it.t)];
-    const int64_t gsz = t.bits <= 8 ? plan.gs : kChunk;
-    double s = 0;
-    for (int64_t g0 = it.k0; g0 < it.k0 + it.cnt; g0 += gsz) {
-      const int64_t cnt = std::min(gsz, it.k0 + it.cnt - g0);
-      if (t.bits == 8) {
-        const int64_t g = g0 / gsz, n_groups = (t.n_kept + gsz - 1) / gsz;
-        const double step = double(f16_to_f32(load_u16le(t.values + 4 + 2 * g)) * load_f32le(t.values));
-        s += sumsq_u8(t.values + 4 + 2 * n_groups + g0, cnt) * step * step;
-      } else {
-        decode(t, g0, cnt, gsz, buf.data());
-        s += sumsq_f32(buf.data(), cnt);
-      }
-    }
-    part[size_t(i)] = s;
+    part[size_t(i)] = item_sum_squares(plan, plan.items[size_t(i)], bufs[size_t(tid)]);
   });
   double total = 0;
   for (double s : part) total += s;
@@ -521,10 +542,11 @@ double sum_squares(const py::buffer& payload_b, const py::buffer& plan_b, int64_
 void init_aggregate(py::module_& m) {
   using namespace fedsparse;
   m.def("accumulate", &accumulate, py::arg("payloads"), py::arg("plans"), py::arg("weights"), py::arg("scales"),
-        py::arg("group_sizes"), py::arg("acc"), py::arg("wsum"), py::arg("counts"),
+        py::arg("group_sizes"), py::arg("acc"), py::arg("wsum"), py::arg("counts"), py::arg("clip_norm") = 0.0,
         "For each payload b of a batch (sequences of equal length): acc += scales[b] * w * dequantize(tensor) for "
         "every tensor, scattered to its place; wsum += w and counts += 1 for the tensors / heads / elements that "
-        "travelled. plans[b]: int64 [n, 13] rows (kind, "
+        "travelled. clip_norm > 0: each payload's scale is first multiplied by min(1, clip_norm / ||its values||). "
+        "plans[b]: int64 [n, 13] rows (kind, "
         "rows, cols, n_heads, mask_offset or -1 for all kept, n_kept, bits, data_offset, data_nbytes, "
         "acc_offset, w_offset, wsum_offset or -1, wsum_mode 0 tensor / 1 head / 2 element); weights float32 "
         "(one per head for head-sparse tensors, else one per tensor). Checks the whole batch before writing.");

@@ -164,7 +164,7 @@ def test_bad_buffers():
 
 
 def test_batch_equals_one_at_a_time_across_blocks():
-    """Tensors bigger than the kernel's 16384-element output blocks, every kind, mixed bits: a batch gives what
+    """Tensors bigger than the kernel's 8192-element output blocks, every kind, mixed bits: a batch gives what
     one payload at a time gives (the block boundaries cut heads, rows and groups anywhere)."""
     rng = np.random.default_rng(3)
     specs = [((384, 64), KIND_HEAD_ROWS, 6), ((64, 390), KIND_HEAD_COLS, 6), ((200, 97), KIND_ELEMENTS, 0),
@@ -201,3 +201,36 @@ def test_bad_payload_in_a_batch_writes_nothing():
     assert not acc.any()
     with pytest.raises(ValueError, match="same length"):
         C.accumulate([p, p], [good], [np.ones(1, np.float32)] * 2, [1.0, 1.0], [16, 16], acc, e0, e0.copy())
+
+
+def test_clip_norm_in_the_kernel_equals_scaling_by_the_norm():
+    """clip_norm: each payload's scale times min(1, clip / ||values||), the norm from sum_squares; every kind
+    and width, a batch with payloads above and below the clip."""
+    rng = np.random.default_rng(5)
+    specs = [((48, 32), KIND_HEAD_ROWS, 4, 8), ((32, 40), KIND_HEAD_COLS, 4, 4), ((30, 17), KIND_ELEMENTS, 0, 8),
+             ((25, 9), KIND_DENSE, 0, 16), ((12, 7), KIND_DENSE, 0, 32), ((0, 5), KIND_DENSE, 0, 8)]
+    for shape, kind, n_heads, bits in specs:
+        items = [one_tensor_payload(shape, kind, n_heads, rng.random(max(n_heads, 1)) < 0.6, bits, 16, rng)
+                 for _ in range(4)]
+        plans = [plan_row(e) for _, _, e in items]
+        nw = n_heads if kind in (KIND_HEAD_ROWS, KIND_HEAD_COLS) else 1
+        ws = [rng.random(nw).astype(np.float32) + 0.5 for _ in items]
+        norms = [np.sqrt(C.sum_squares(p, plan, 16)) for (p, _, _), plan in zip(items, plans)]
+        clip = float(np.median(norms)) or 1.0
+        scales = [0.5, 2.0, 1.0, 0.25]
+        numel = int(np.prod(shape))
+        e0 = np.zeros(0, np.float32)
+        got = np.zeros(numel, np.float32)
+        C.accumulate([p for p, _, _ in items], plans, ws, scales, [16] * 4, got, e0, e0.copy(), clip_norm=clip)
+        exp = np.zeros(numel, np.float32)
+        clipped = [s * (min(1.0, clip / n) if n > 0 else 1.0) for s, n in zip(scales, norms)]
+        C.accumulate([p for p, _, _ in items], plans, ws, clipped, [16] * 4, exp, e0, e0.copy())
+        np.testing.assert_array_equal(got, exp)
+        if numel and max(norms) > clip:
+            unclipped = np.zeros(numel, np.float32)
+            C.accumulate([p for p, _, _ in items], plans, ws, scales, [16] * 4, unclipped, e0, e0.copy())
+            assert not np.array_equal(got, unclipped)
+    p, _, e = items[0]
+    with pytest.raises(ValueError, match="clip_norm"):
+        C.accumulate([p], [plan_row(e)], [np.ones(1, np.float32)], [1.0], [16], np.zeros(0, np.float32), e0, e0.copy(),
+                     clip_norm=-1.0)

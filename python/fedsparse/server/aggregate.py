@@ -17,7 +17,7 @@ from .hetero import HETERO_METHODS, HeteroAccumulator
 from .meta import AggregationError, branch_of, client_label, layer_index, num_examples, replace_layer
 from .reference import is_shared_fn, layer_mapper
 from .robust import robust_aggregate
-from .stream import Accumulator, clients_from, verify_chunk
+from .stream import Accumulator, clients_from, clip_factor, verify_chunk
 
 METHODS = ("fedavg", "headwise", "median", "trimmed_mean", "multibranch") + HETERO_METHODS
 
@@ -211,7 +211,7 @@ def aggregate(
     if method in ("median", "trimmed_mean"):
         cl = list(clients())
         _finish_weights(wfn, ids, raw)
-        scales = [_clip_scale(acc_probe(c), clip_norm) if clip_norm else 1.0 for c, _ in cl]
+        scales = [clip_factor(acc_probe(c), clip_norm) if clip_norm else 1.0 for c, _ in cl]
         acc, head_counts = robust_aggregate([c for c, _ in cl], method, trim=trim, base=base, scales=scales)
         tensors = {n: acc.acc[acc.tensors[n].acc_off:acc.tensors[n].acc_off + acc.tensors[n].numel]
                    .reshape(acc.tensors[n].shape) for n in acc.order}
@@ -221,7 +221,7 @@ def aggregate(
     if method in HETERO_METHODS:
         h = HeteroAccumulator(method)
         for c, w in clients():
-            h.add(c, w, _clip_scale(acc_probe(c), clip_norm) if clip_norm else 1.0)
+            h.add(c, w, clip_factor(acc_probe(c), clip_norm) if clip_norm else 1.0)
         _finish_weights(wfn, ids, raw)
         glob, per = h.finish()
         return AggregateResult(glob, method=method, clients=ids, weights=_normalised(ids, raw),
@@ -233,12 +233,12 @@ def aggregate(
                             target_depth=target_depth, inner=inner, batch=batch)
 
     acc = Accumulator(track_sums=method == "headwise" or base is not None, use_scores=method == "headwise",
-                      batch=batch)
+                      batch=batch, clip_norm=clip_norm)
     for c, w in clients():
         if acc.acc is None and base is not None:
             acc._start(c)
             acc.check_base(base)
-        acc.add(c, w, _clip_scale(acc.sum_squares(c), clip_norm) if clip_norm else 1.0)
+        acc.add(c, w)
     _finish_weights(wfn, ids, raw)
     tensors, _, head_counts, head_weights = acc.finish(method, base)
     return AggregateResult(tensors, method=method, clients=ids, weights=_normalised(ids, raw),
@@ -276,11 +276,6 @@ def acc_probe(c) -> float:
     return Accumulator(track_sums=False, use_scores=False).sum_squares(c)
 
 
-def _clip_scale(sumsq: float, clip_norm: float) -> float:
-    norm = math.sqrt(sumsq)
-    return min(1.0, clip_norm / norm) if norm > 0 else 1.0
-
-
 def _finish_weights(wfn, ids, raw) -> None:
     if not ids:
         raise AggregationError("aggregate() needs at least one payload")
@@ -305,13 +300,13 @@ def _multibranch(clients, wfn, ids, metas, raw, *, base, clip_norm, shared, bran
         acc = accs.get(br)
         if acc is None:
             acc = accs[br] = Accumulator(track_sums=True, use_scores=inner == "headwise", label=f" in branch {br!r}",
-                                         batch=batch)
+                                         batch=batch, clip_norm=clip_norm)
         if "num_layers" in c.metadata:
             L = c.metadata["num_layers"]
             if declared.setdefault(br, L) != L:
                 raise AggregationError(f"{client_label(c.cid)}: num_layers {L} differs from {declared[br]} of its "
                                        f"branch {br!r}", client=c.cid)
-        acc.add(c, w, _clip_scale(acc.sum_squares(c), clip_norm) if clip_norm else 1.0)
+        acc.add(c, w)
         members.setdefault(br, []).append((c.cid, w))
     _finish_weights(wfn, ids, raw)
     if branch_weights is not None:

@@ -136,6 +136,12 @@ def _client(payload, parsed, position: int, max_elements: int) -> Client:
     return client
 
 
+def clip_factor(sumsq: float, clip_norm: float) -> float:
+    """Norm clipping: min(1, clip_norm / ||x||) from ||x||^2, 1 for a zero update (csrc clip_factor too)."""
+    norm = math.sqrt(sumsq)
+    return min(1.0, clip_norm / norm) if norm > 0 else 1.0
+
+
 class _Tensor:
     """Where one tensor's accumulator lives and how its weight sums are kept."""
 
@@ -185,10 +191,14 @@ class Accumulator:
 
     track_sums: keep per-unit weight sums (needed by headwise, and by fedavg with a base).
     use_scores: weight heads by the clients' head_scores metadata (headwise).
+    clip_norm: scale each client's update to L2 norm <= clip_norm (the kernel takes the norms, in parallel,
+        from the values it is about to add).
     """
 
-    def __init__(self, *, track_sums: bool, use_scores: bool, label: str = "", batch: int = 32):
+    def __init__(self, *, track_sums: bool, use_scores: bool, label: str = "", batch: int = 32,
+                 clip_norm: float | None = None):
         self.track, self.use_scores, self.label = track_sums, use_scores, label
+        self.clip_norm = clip_norm
         self.batch = max(1, int(batch))
         self._pending: list = []
         self._worker: threading.Thread | None = None  # the batch being folded in (flush(wait=False))
@@ -326,7 +336,7 @@ class Accumulator:
 
     # -- the hot path -----------------------------------------------------------------------------------
     def add(self, client: Client, weight: float, scale: float = 1.0) -> None:
-        """acc += scale * weight * s_kh * update_k (scale: norm clipping; weights sums do not see it)."""
+        """acc += scale * clip_k * weight * s_kh * update_k, clip_k from clip_norm (weight sums see neither)."""
         if self.acc is None:
             self._start(client)
         elif client.version != self.version:
@@ -342,6 +352,8 @@ class Accumulator:
             if len(self._pending) >= self.batch:
                 self.flush(wait=False)
         else:
+            if self.clip_norm:
+                scale *= clip_factor(self.sum_squares(client), self.clip_norm)
             self._add_numpy(client, plan, w, scale)
         self.total_weight += weight
         self.n_clients += 1
@@ -354,7 +366,8 @@ class Accumulator:
         if self._pending:
             batch, self._pending = self._pending, []
             args = ([c.buffer for c, *_ in batch], [p for _, p, _, _ in batch], [w for *_, w, _ in batch],
-                    [s for *_, s in batch], [c.group_size for c, *_ in batch], self.acc, self.wsum, self.counts)
+                    [s for *_, s in batch], [c.group_size for c, *_ in batch], self.acc, self.wsum, self.counts,
+                    float(self.clip_norm or 0.0))
             if wait:
                 self._run(batch, args)
             else:
