@@ -327,6 +327,7 @@ void run_range(const Tensor& t, int64_t k0, int64_t cnt, int64_t gs, float scale
     run_u8(t, k0, cnt, gs, scale);
   } else {
     const int64_t piece = t.bits <= 8 ? gs : kChunk;  // decode one quantization group (or chunk) at a time
+    if (buf.size() < size_t(piece)) buf.resize(size_t(piece));  // payloads of a batch may differ in group size
     for (int64_t k = k0; k < k0 + cnt;) {
       const int64_t n = std::min((k / piece + 1) * piece, k0 + cnt) - k;
       decode(t, k, n, gs, buf.data());
@@ -350,7 +351,7 @@ void run_range(const Tensor& t, int64_t k0, int64_t cnt, int64_t gs, float scale
 double item_sum_squares(const Plan& plan, const Item& it, std::vector<float>& buf) {
   const Tensor& t = plan.tensors[size_t(it.t)];
   const int64_t gsz = t.bits <= 8 ? plan.gs : kChunk;
-  if (t.bits != 8 && buf.empty()) buf.resize(size_t(std::max<int64_t>(plan.gs, kChunk)));
+  if (t.bits != 8 && buf.size() < size_t(gsz)) buf.resize(size_t(gsz));  // decode buffer: a group or a chunk
   double s = 0;
   for (int64_t g0 = it.k0; g0 < it.k0 + it.cnt; g0 += gsz) {
     const int64_t cnt = std::min(gsz, it.k0 + it.cnt - g0);
@@ -366,7 +367,7 @@ double item_sum_squares(const Plan& plan, const Item& it, std::vector<float>& bu
   return s;
 }
 
-// Norm clipping's factor (as aggregate()'s _clip_scale): min(1, clip / ||x||), 1 for a zero update.
+// Norm clipping's factor (as server/stream.py's clip_factor): min(1, clip / ||x||), 1 for a zero update.
 double clip_factor(double sumsq, double clip) {
   const double norm = std::sqrt(sumsq);
   return norm > 0 ? std::min(1.0, clip / norm) : 1.0;
@@ -509,7 +510,6 @@ void accumulate(const py::sequence& payloads, const py::sequence& plans, const p
       for (const auto& [b, i] : groups[size_t(un.group)]) {
         const Plan& p = batch[size_t(b)];
         const Tensor& t = p.tensors[size_t(i)];
-        if (t.bits != 8 && buf.empty()) buf.resize(size_t(kChunk) + 65536);  // decode buffer: a chunk or a group
         const int64_t ka = t.compact_pos(un.e0), kb = t.compact_pos(un.e1);
         run_range(t, ka, kb - ka, p.gs, scale[size_t(b)], buf);
       }

@@ -205,31 +205,35 @@ def test_bad_payload_in_a_batch_writes_nothing():
 
 def test_clip_norm_in_the_kernel_equals_scaling_by_the_norm():
     """clip_norm: each payload's scale times min(1, clip / ||values||), the norm from sum_squares; every kind
-    and width, a batch with payloads above and below the clip."""
+    and width, group sizes that differ within the batch, payloads above and below the clip."""
     rng = np.random.default_rng(5)
     specs = [((48, 32), KIND_HEAD_ROWS, 4, 8), ((32, 40), KIND_HEAD_COLS, 4, 4), ((30, 17), KIND_ELEMENTS, 0, 8),
-             ((25, 9), KIND_DENSE, 0, 16), ((12, 7), KIND_DENSE, 0, 32), ((0, 5), KIND_DENSE, 0, 8)]
+             ((25, 9), KIND_DENSE, 0, 16), ((12, 7), KIND_DENSE, 0, 32), ((40, 30), KIND_DENSE, 0, 2),
+             ((0, 5), KIND_DENSE, 0, 8)]
+    gss = [16, 256, 64, 16]
+    e0 = np.zeros(0, np.float32)
     for shape, kind, n_heads, bits in specs:
-        items = [one_tensor_payload(shape, kind, n_heads, rng.random(max(n_heads, 1)) < 0.6, bits, 16, rng)
-                 for _ in range(4)]
+        items = [one_tensor_payload(shape, kind, n_heads, rng.random(max(n_heads, 1)) < 0.6, bits, gs, rng)
+                 for gs in gss]
         plans = [plan_row(e) for _, _, e in items]
         nw = n_heads if kind in (KIND_HEAD_ROWS, KIND_HEAD_COLS) else 1
         ws = [rng.random(nw).astype(np.float32) + 0.5 for _ in items]
-        norms = [np.sqrt(C.sum_squares(p, plan, 16)) for (p, _, _), plan in zip(items, plans)]
+        norms = [np.sqrt(C.sum_squares(p, plan, gs)) for (p, _, _), plan, gs in zip(items, plans, gss)]
         clip = float(np.median(norms)) or 1.0
         scales = [0.5, 2.0, 1.0, 0.25]
         numel = int(np.prod(shape))
-        e0 = np.zeros(0, np.float32)
-        got = np.zeros(numel, np.float32)
-        C.accumulate([p for p, _, _ in items], plans, ws, scales, [16] * 4, got, e0, e0.copy(), clip_norm=clip)
-        exp = np.zeros(numel, np.float32)
-        clipped = [s * (min(1.0, clip / n) if n > 0 else 1.0) for s, n in zip(scales, norms)]
-        C.accumulate([p for p, _, _ in items], plans, ws, clipped, [16] * 4, exp, e0, e0.copy())
-        np.testing.assert_array_equal(got, exp)
+        payloads = [p for p, _, _ in items]
+
+        def run(sc, **kw):
+            out = np.zeros(numel, np.float32)
+            C.accumulate(payloads, plans, ws, sc, gss, out, e0, e0.copy(), **kw)
+            return out
+
+        got = run(scales, clip_norm=clip)
+        np.testing.assert_array_equal(got, run([s * (min(1.0, clip / n) if n > 0 else 1.0)
+                                                for s, n in zip(scales, norms)]))
         if numel and max(norms) > clip:
-            unclipped = np.zeros(numel, np.float32)
-            C.accumulate([p for p, _, _ in items], plans, ws, scales, [16] * 4, unclipped, e0, e0.copy())
-            assert not np.array_equal(got, unclipped)
+            assert not np.array_equal(got, run(scales))
     p, _, e = items[0]
     with pytest.raises(ValueError, match="clip_norm"):
         C.accumulate([p], [plan_row(e)], [np.ones(1, np.float32)], [1.0], [16], np.zeros(0, np.float32), e0, e0.copy(),
