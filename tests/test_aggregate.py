@@ -548,6 +548,30 @@ def test_tensor_rows_slice_or_index():
     np.testing.assert_array_equal(_tensor_rows(client([False, True, False])), [0, 2])
 
 
+def test_lists_are_cut_into_even_batches(monkeypatch):
+    """A list of n is cut into round(n / batch) batches of ceil(n / that); an iterator gets `batch` as asked."""
+    from fedsparse import _backend
+    real, sizes = _backend.native, []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def accumulate(self, payloads, *rest):
+            sizes.append(len(payloads))
+            return real.accumulate(payloads, *rest)
+
+    if real is None:
+        pytest.skip("native module not built")
+    ps = make_payloads(10, seed=24)
+    expected = aggregate(ps, batch=1)
+    monkeypatch.setattr(_backend, "native", Spy())
+    for inp, batch, want in ((ps, 4, [5, 5]), (ps, 3, [4, 4, 2]), (ps, 32, [10]), (iter(ps), 4, [4, 4, 2])):
+        sizes.clear()
+        assert_close(aggregate(inp, batch=batch), expected)
+        assert sizes == want, (batch, sizes)
+
+
 def test_bad_options():
     ps = make_payloads(2)
     with pytest.raises(ValueError, match="method must be one of"):
@@ -589,4 +613,4 @@ def test_kernel_error_of_a_batch_folded_in_the_background_reaches_the_caller(mon
 
     monkeypatch.setattr(_backend, "native", Failing())
     with pytest.raises(PayloadError, match=r"client 'c1': fedsparse: payload 1: plan row 0: bad kept count"):
-        fedsparse.aggregate(make_payloads(n), method="headwise", batch=batch)
+        fedsparse.aggregate(iter(make_payloads(n)), method="headwise", batch=batch)  # iterator: batches as asked
