@@ -137,30 +137,23 @@ struct Parsed {
 // The parser proper: no Python, so it runs without the GIL and in parallel. verify=false skips the CRC and
 // the value checks (for re-reading the table of a payload already verified); bounds are always checked.
 void parse_into(const uint8_t* buf, int64_t n, int64_t max_elements, bool verify, Parsed& out) {
-  auto& heads = out.heads;
-  auto& spans = out.spans;
-  int64_t& group_size = out.group_size;
-  int64_t& meta_offset = out.meta_offset;
-  int64_t& meta_len = out.meta_len;
-  int64_t& version = out.version;
-  int64_t& table_end = out.table_end;
   if (n < kHeaderSize + kCrcSize)
     throw ParseError("truncated payload: " + std::to_string(n) + " bytes, a payload has at least 24");
   if (std::memcmp(buf, "FSPK", 4) != 0) throw ParseError("bad magic: not a fedsparse payload");
-  version = load_u16le(buf + 4);
-  if (version != 1) throw ParseError("unsupported payload version " + std::to_string(version));
+  out.version = load_u16le(buf + 4);
+  if (out.version != 1) throw ParseError("unsupported payload version " + std::to_string(out.version));
   if (verify && crc32(buf, n - kCrcSize) != load_u32le(buf + n - kCrcSize))
     throw ParseError("CRC mismatch: payload corrupted or truncated");
   if (load_u16le(buf + 6) != 0) throw ParseError("unknown header flags");
-  group_size = load_u32le(buf + 8);
+  out.group_size = load_u32le(buf + 8);
   const int64_t n_tensors = load_u32le(buf + 12);
-  meta_len = load_u32le(buf + 16);
-  if (group_size < kMinGroup || group_size > kMaxGroup || (group_size & (group_size - 1)))
-    throw ParseError("group_size " + std::to_string(group_size) + " is not a power of two in [16, 65536]");
+  out.meta_len = load_u32le(buf + 16);
+  if (out.group_size < kMinGroup || out.group_size > kMaxGroup || (out.group_size & (out.group_size - 1)))
+    throw ParseError("group_size " + std::to_string(out.group_size) + " is not a power of two in [16, 65536]");
   if (n_tensors > kMaxTensors) throw ParseError("too many tensors: " + std::to_string(n_tensors));
-  if (meta_len > kMaxMetaBytes) throw ParseError("metadata exceeds the limit");
+  if (out.meta_len > kMaxMetaBytes) throw ParseError("metadata exceeds the limit");
   Reader r{buf, kHeaderSize, n - kCrcSize};
-  meta_offset = r.take(meta_len, "metadata");
+  out.meta_offset = r.take(out.meta_len, "metadata");
 
   std::string prev;
   int64_t total = 0;
@@ -207,11 +200,11 @@ void parse_into(const uint8_t* buf, int64_t n, int64_t max_elements, bool verify
     } else if (h.n_heads != 0) {
       throw ParseError(what() + ": n_heads given for a tensor without head sparsity");
     }
-    heads.push_back(std::move(h));
+    out.heads.push_back(std::move(h));
   }
 
-  table_end = r.pos;
-  for (const Head& h : heads) {
+  out.table_end = r.pos;
+  for (const Head& h : out.heads) {
     r.name = &h.name;
     const int64_t nbits = (h.kind == 1 || h.kind == 2) ? h.n_heads : (h.kind == 3 ? h.numel : 0);
     const int64_t mask_offset = r.take((nbits + 7) / 8, "mask of ");
@@ -219,10 +212,10 @@ void parse_into(const uint8_t* buf, int64_t n, int64_t max_elements, bool verify
       throw ParseError("mask of '" + h.name + "' has non-zero padding bits");
     const int64_t kept = popcount_bits(buf + mask_offset, nbits);
     const int64_t n_kept = h.kind == 0 ? h.numel : (h.kind == 3 ? kept : kept * (h.numel / h.n_heads));
-    const int64_t size = values_nbytes(n_kept, h.bits, group_size);
+    const int64_t size = values_nbytes(n_kept, h.bits, out.group_size);
     const int64_t data_offset = r.take(size, "values of ");
-    if (verify) check_values(buf + data_offset, n_kept, h.bits, group_size, h.name);
-    spans.push_back({mask_offset, nbits, n_kept, data_offset, size});
+    if (verify) check_values(buf + data_offset, n_kept, h.bits, out.group_size, h.name);
+    out.spans.push_back({mask_offset, nbits, n_kept, data_offset, size});
   }
   if (r.pos != r.end)
     throw ParseError(std::to_string(r.end - r.pos) + " bytes of trailing garbage after the last tensor");
