@@ -437,12 +437,15 @@ class Accumulator:
                 self.counts[o:o + t.numel] += sent
 
     def sum_squares(self, client: Client) -> float:
-        """||update||^2 of a client (for norm clipping)."""
+        """||update||^2 of a client (norm clipping where the kernel does not take it: robust and heterogeneous-
+        rank methods, which decode every tensor anyway, and the numpy fallback)."""
         native = _backend.native
         if native is not None:
-            rows, tensor_rows = _norm_plan(client)
-            plan = rows.copy()
-            plan[:, _SPAN] = client.spans[tensor_rows]
+            plan = np.zeros((len(client.tensors), N_COLS), np.int64)
+            for i, e in enumerate(client.tensors):
+                r, c = matrix_view(e.shape, e.kind)
+                plan[i, [C_KIND, C_ROWS, C_COLS, C_HEADS, C_MASK, C_KEPT, C_BITS, C_DATA, C_NBYTES, C_WSUM]] = (
+                    e.kind, r, c, e.n_heads, e.mask_offset, e.n_kept, e.bits, e.data_offset, e.data_nbytes, -1)
             try:
                 return float(native.sum_squares(client.buffer, plan, client.group_size))
             except ValueError as exc:
@@ -529,24 +532,6 @@ def _tensor_rows(client: Client):
     if rows[-1] - rows[0] + 1 == len(rows):  # ascending and distinct: consecutive
         return slice(rows[0], rows[-1] + 1)
     return np.array(rows, np.int64)
-
-
-_NORM_PLANS: dict = {}  # tensor table bytes -> (plan rows without spans, indices of the tensor entries)
-
-
-def _norm_plan(client: Client) -> tuple:
-    """sum_squares' plan for this client's tensor table, cached by the table (a function of it alone), so a
-    server that has seen the table never re-reads it, whichever Accumulator asks."""
-    hit = _NORM_PLANS.get(client.table)
-    if hit is None:
-        rows = np.zeros((len(client.tensors), N_COLS), np.int64)
-        for i, e in enumerate(client.tensors):
-            r, c = matrix_view(e.shape, e.kind)
-            rows[i, [C_KIND, C_ROWS, C_COLS, C_HEADS, C_WSUM]] = (e.kind, r, c, e.n_heads, -1)
-        if len(_NORM_PLANS) >= 64:
-            _NORM_PLANS.clear()
-        hit = _NORM_PLANS[client.table] = (rows, _tensor_rows(client))
-    return hit
 
 
 def _per_head(a: np.ndarray, t: _Tensor, axis: bool = False) -> np.ndarray:
