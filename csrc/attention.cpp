@@ -20,12 +20,8 @@
 #include <limits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define FS_X86 1
-#endif
-
 #include "common.h"
+#include "simd.h"
 
 namespace py = pybind11;
 
@@ -34,7 +30,6 @@ namespace {
 
 constexpr int64_t kRowsPerJob = 64;
 constexpr int64_t kKeyPad = 16;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct RowStatsArgs {
   const float* q;     // [N, Sq, D]
@@ -85,40 +80,6 @@ void dots_scalar(const float* q, const float* kt, int64_t rows, int64_t D, int64
 }
 
 #ifdef FS_X86
-// exp for x <= 0 (x - max), Cephes single precision: 2^n * p(r), |rel err| < 2e-7; x < -87.3 gives 0 exactly.
-__attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.3f);
-  const __m256 small = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_max_ps(x, lo);
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(small, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-}
-
-__attribute__((target("avx2,fma"))) inline float hmax(__m256 v) {
-  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_max_ss(x, _mm_shuffle_ps(x, x, 1));
-  return _mm_cvtss_f32(x);
-}
-
-__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
-  return _mm_cvtss_f32(x);
-}
-
 // row holds hi valid logits; the vector loops read up to round_up(hi, 8) (the buffer is padded with -inf).
 __attribute__((target("avx2,fma"))) void reduce_row_avx2(float* row, int64_t hi, bool want_sum, float* m_out,
                                                          float* s_out) {
@@ -171,15 +132,6 @@ __attribute__((target("avx2,fma"))) void dots_avx2(const float* q, const float* 
   }
 }
 
-bool have_avx2() {
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return ok;
-}
-#else
-bool have_avx2() { return false; }
 #endif
 
 void row_stats_job(const RowStatsArgs& a, int64_t n, int64_t i0, int64_t i1, std::vector<float>& kt,

@@ -9,6 +9,7 @@ void init_wire(py::module_& m);
 void init_crc32(py::module_& m);
 void init_aggregate(py::module_& m);
 void init_attention(py::module_& m);
+void init_attention_probs(py::module_& m);
 #ifdef FEDSPARSE_WITH_CUDA
 void init_cuda(py::module_& m);
 #endif
@@ -43,6 +44,7 @@ PYBIND11_MODULE(_C, m) {
   init_crc32(m);
   init_aggregate(m);
   init_attention(m);
+  init_attention_probs(m);
 #ifdef FEDSPARSE_WITH_CUDA
   init_cuda(m);
 #endif

@@ -58,3 +58,31 @@ def scatter_rows(full: Tensor, rows: Tensor, part: Tensor) -> None:
     row_bytes = full.numel() // (full.shape[0] * full.shape[1]) * full.element_size()
     native.scatter_rows(_bytes(full), _bytes(part) if n else torch.empty(0, dtype=torch.uint8).numpy(),
                         rows.to(torch.int64).contiguous().numpy(), row_bytes)
+
+
+def has_probs() -> bool:
+    return native is not None and hasattr(native, "attention_softmax")
+
+
+def softmax_(s: Tensor, scale: float, bias: Tensor | None, is_causal: bool, qvalid: Tensor | None,
+             maxp: Tensor | None, force_scalar: bool = False) -> None:
+    """In place: s (float32 contiguous [N, Sq, Sk], q k^T) <- softmax(scale * s + bias) per row.
+
+    bias None or [N, 1, Sq or 1, Sk] (any float dtype); is_causal masks key j > row i; qvalid None or bool
+    [N, Sq] (False: the row is 0); maxp None or float32 contiguous [N, Sq] <- each row's largest probability
+    (0 for a row with nothing to attend to, NaN for a row with a NaN logit). force_scalar: skip AVX2 (tests).
+    """
+    n, _, sk = s.shape
+    bias_np, bias_rows = None, 0
+    if bias is not None:
+        bf = _f32(bias.reshape(n, -1, sk))
+        bias_np, bias_rows = bf.numpy(), bf.shape[1]
+    qv = qvalid.contiguous().numpy() if qvalid is not None else None
+    native.attention_softmax(s.numpy(), float(scale), bias_np, bias_rows, bool(is_causal), qv,
+                             maxp.numpy() if maxp is not None else None, force_scalar)
+
+
+def dscores_(dp: Tensor, p: Tensor, delta: Tensor, scale: float, force_scalar: bool = False) -> None:
+    """In place: dp (float32 contiguous [N, Sq, Sk], dO v^T) <- scale * p * (dp - delta[..., None]);
+    p float32 contiguous [N, Sq, Sk], delta float32 [N, Sq]."""
+    native.attention_dscores(dp.numpy(), p.numpy(), _f32(delta).numpy(), float(scale), force_scalar)
