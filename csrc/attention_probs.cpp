@@ -111,7 +111,67 @@ __attribute__((target("avx2,fma"))) void dscores_row_avx2(float* dp, const float
   }
   dscores_row_scalar(dp + sv8, p + sv8, delta, scale, sk - sv8);
 }
+
+
+// softmax_row_avx2 and dscores_row_avx2 on 16 lanes: the softmax is bound by its instructions (exp), so
+// twice the lanes nearly halve it.
+__attribute__((target("avx512f"))) float softmax_row_avx512(float* x, const float* b, float scale, int64_t hi,
+                                                            int64_t sk) {
+  const int64_t hv = hi & ~int64_t(15);
+  const __m512 sv = _mm512_set1_ps(scale);
+  __m512 mv = _mm512_set1_ps(kNegInf);
+  __mmask16 nan = 0;
+  for (int64_t j = 0; j < hv; j += 16) {
+    __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + j), sv);
+    if (b) v = _mm512_add_ps(v, _mm512_loadu_ps(b + j));
+    _mm512_storeu_ps(x + j, v);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    mv = _mm512_max_ps(mv, v);
+  }
+  bool bad = nan != 0;
+  const float m = scale_bias_max_scalar(x, b, scale, hv, hi, _mm512_reduce_max_ps(mv), &bad);
+  std::fill(x + hi, x + sk, 0.0f);
+  if (bad || m == -kNegInf) {
+    std::fill(x, x + hi, kNaN);
+    return kNaN;
+  }
+  if (m == kNegInf) {
+    std::fill(x, x + hi, 0.0f);
+    return 0.0f;
+  }
+  const __m512 mb = _mm512_set1_ps(m);
+  __m512 s = _mm512_setzero_ps();
+  for (int64_t j = 0; j < hv; j += 16) {
+    const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + j), mb));
+    _mm512_storeu_ps(x + j, e);
+    s = _mm512_add_ps(s, e);
+  }
+  float sum = _mm512_reduce_add_ps(s);
+  for (int64_t j = hv; j < hi; ++j) sum += (x[j] = std::exp(x[j] - m));
+  const float inv = 1.0f / sum;
+  const __m512 iv = _mm512_set1_ps(inv);
+  for (int64_t j = 0; j < hv; j += 16) _mm512_storeu_ps(x + j, _mm512_mul_ps(_mm512_loadu_ps(x + j), iv));
+  for (int64_t j = hv; j < hi; ++j) x[j] *= inv;
+  return inv;
+}
+
+__attribute__((target("avx512f"))) void dscores_row_avx512(float* dp, const float* p, float delta, float scale,
+                                                           int64_t sk) {
+  const int64_t s16 = sk & ~int64_t(15);
+  const __m512 dv = _mm512_set1_ps(delta), sv = _mm512_set1_ps(scale);
+  for (int64_t j = 0; j < s16; j += 16) {
+    const __m512 ps = _mm512_mul_ps(_mm512_loadu_ps(p + j), sv);
+    _mm512_storeu_ps(dp + j, _mm512_mul_ps(ps, _mm512_sub_ps(_mm512_loadu_ps(dp + j), dv)));
+  }
+  dscores_row_scalar(dp + s16, p + s16, delta, scale, sk - s16);
+}
 #endif
+
+// Which row kernels run: 2 = AVX-512, 1 = AVX2, 0 = scalar; at most max_level (tests lower it).
+int simd_level(int max_level) {
+  const int have = have_avx512() ? 2 : have_avx2() ? 1 : 0;
+  return std::max(0, std::min(have, max_level));
+}
 
 template <class T>
 T* data_of(py::array_t<T>& x, int64_t n, const char* what) {
@@ -135,7 +195,7 @@ const T* optional_data(const py::object& x, int64_t n, const char* what, py::arr
 constexpr int64_t kParallelElements = 1 << 16;
 
 void attention_softmax(py::array_t<float>& s, float scale, const py::object& bias, int64_t bias_rows,
-                       bool causal, const py::object& qvalid, const py::object& maxp, bool force_scalar) {
+                       bool causal, const py::object& qvalid, const py::object& maxp, int max_level) {
   FS_CHECK(s.ndim() == 3, "s must be [N, Sq, Sk]");
   const int64_t N = s.shape(0), Sq = s.shape(1), Sk = s.shape(2);
   float* x = data_of(s, N * Sq * Sk, "s");
@@ -150,7 +210,7 @@ void attention_softmax(py::array_t<float>& s, float scale, const py::object& bia
     maxp_a = py::reinterpret_borrow<py::array_t<float>>(maxp);
     mp = data_of(maxp_a, N * Sq, "maxp");
   }
-  const bool simd = have_avx2() && !force_scalar;
+  const int simd = simd_level(max_level);
   const int64_t rows = N * Sq;
   py::gil_scoped_release nogil;
 #pragma omp parallel for schedule(static) if (rows > 1 && rows * Sk > kParallelElements)
@@ -164,7 +224,9 @@ void attention_softmax(py::array_t<float>& s, float scale, const py::object& bia
       const float* br = b ? b + (n * bias_rows + (bias_rows == 1 ? 0 : i)) * Sk : nullptr;
       const int64_t hi = causal ? std::min(Sk, i + 1) : Sk;
 #ifdef FS_X86
-      top = simd ? softmax_row_avx2(row, br, scale, hi, Sk) : softmax_row_scalar(row, br, scale, hi, Sk);
+      top = simd == 2   ? softmax_row_avx512(row, br, scale, hi, Sk)
+            : simd == 1 ? softmax_row_avx2(row, br, scale, hi, Sk)
+                        : softmax_row_scalar(row, br, scale, hi, Sk);
 #else
       top = softmax_row_scalar(row, br, scale, hi, Sk);
 #endif
@@ -174,7 +236,7 @@ void attention_softmax(py::array_t<float>& s, float scale, const py::object& bia
 }
 
 void attention_dscores(py::array_t<float>& dp, const py::array_t<float>& p, const py::array_t<float>& delta,
-                       float scale, bool force_scalar) {
+                       float scale, int max_level) {
   FS_CHECK(dp.ndim() == 3, "dp must be [N, Sq, Sk]");
   const int64_t N = dp.shape(0), Sq = dp.shape(1), Sk = dp.shape(2);
   float* d = data_of(dp, N * Sq * Sk, "dp");
@@ -182,14 +244,14 @@ void attention_dscores(py::array_t<float>& dp, const py::array_t<float>& p, cons
   FS_CHECK(delta.size() == N * Sq && (delta.flags() & py::array::c_style), "delta must be C-contiguous [N, Sq]");
   const float* pp = p.data();
   const float* dl = delta.data();
-  const bool simd = have_avx2() && !force_scalar;
+  const int simd = simd_level(max_level);
   const int64_t rows = N * Sq;
   py::gil_scoped_release nogil;
 #pragma omp parallel for schedule(static) if (rows > 1 && rows * Sk > kParallelElements)
   for (int64_t r = 0; r < rows; ++r) {
 #ifdef FS_X86
     if (simd) {
-      dscores_row_avx2(d + r * Sk, pp + r * Sk, dl[r], scale, Sk);
+      (simd == 2 ? dscores_row_avx512 : dscores_row_avx2)(d + r * Sk, pp + r * Sk, dl[r], scale, Sk);
       continue;
     }
 #endif
@@ -204,13 +266,13 @@ void init_attention_probs(py::module_& m) {
   // noconvert: a silently converted copy of an in-place array would swallow the results.
   m.def("attention_softmax", &fedsparse::attention_softmax, py::arg("s").noconvert(), py::arg("scale"),
         py::arg("bias"), py::arg("bias_rows"), py::arg("causal"), py::arg("qvalid"), py::arg("maxp"),
-        py::arg("force_scalar") = false,
+        py::arg("max_level") = 2,
         "In place over float32 C-contiguous s [N, Sq, Sk] (q k^T): s <- softmax(scale * s + bias) per row, "
         "bias None or float32 [N, bias_rows (1 or Sq), Sk]; causal masks key j > row i; qvalid None or bool "
         "[N, Sq] (False: the row is 0); maxp None or float32 [N, Sq] <- each row's largest probability (0 for "
         "a row with nothing to attend to). A NaN or +inf logit makes its row NaN.");
   m.def("attention_dscores", &fedsparse::attention_dscores, py::arg("dp").noconvert(), py::arg("p").noconvert(),
-        py::arg("delta").noconvert(), py::arg("scale"), py::arg("force_scalar") = false,
+        py::arg("delta").noconvert(), py::arg("scale"), py::arg("max_level") = 2,
         "In place over float32 C-contiguous dp [N, Sq, Sk] (dO v^T): dp <- scale * p * (dp - delta[:, :, None]), "
         "p [N, Sq, Sk], delta [N, Sq] float32.");
 }

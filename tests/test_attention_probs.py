@@ -30,7 +30,7 @@ def softmax_torch(s, scale, bias, causal, qvalid):
     return p, top
 
 
-@pytest.mark.parametrize("force_scalar", [False, True])
+@pytest.mark.parametrize("max_level", [2, 1, 0])
 @pytest.mark.parametrize("n,sq,sk,bias_rows,causal,pad", [
     (1, 1, 1, 0, False, False),
     (2, 7, 13, 1, False, True),     # tails shorter than a vector
@@ -39,7 +39,7 @@ def softmax_torch(s, scale, bias, causal, qvalid):
     (4, 64, 256, 1, False, False),  # enough rows for the parallel loop
     (1, 3, 0, 0, False, False),     # no keys
 ])
-def test_softmax_matches_torch(n, sq, sk, bias_rows, causal, pad, force_scalar):
+def test_softmax_matches_torch(n, sq, sk, bias_rows, causal, pad, max_level):
     g = torch.Generator().manual_seed(n * 100 + sq + sk)
     s = torch.randn(n, sq, sk, generator=g) * 4
     bias = None
@@ -50,7 +50,7 @@ def test_softmax_matches_torch(n, sq, sk, bias_rows, causal, pad, force_scalar):
             bias[0, 0, 0] = float("-inf")  # row 0 of pair 0: nothing to attend to
     qvalid = torch.rand(n, sq, generator=g) > 0.3 if pad else None
     p, top = s.clone(), torch.full((n, sq), -1.0)
-    _native.softmax_(p, 0.37, bias, causal, qvalid, top, force_scalar=force_scalar)
+    _native.softmax_(p, 0.37, bias, causal, qvalid, top, max_level=max_level)
     p_ref, top_ref = softmax_torch(s, 0.37, bias, causal, qvalid)
     torch.testing.assert_close(p.double(), p_ref, atol=2e-7, rtol=2e-6)
     torch.testing.assert_close(top.double(), top_ref, atol=2e-7, rtol=2e-6)
@@ -58,14 +58,14 @@ def test_softmax_matches_torch(n, sq, sk, bias_rows, causal, pad, force_scalar):
         assert torch.equal(p[0, 0], torch.zeros(sk)) and top[0, 0] == 0  # empty row: zeros, not NaN
 
 
-@pytest.mark.parametrize("force_scalar", [False, True])
-def test_softmax_nan_and_inf_rows(force_scalar):
+@pytest.mark.parametrize("max_level", [2, 1, 0])
+def test_softmax_nan_and_inf_rows(max_level):
     s = torch.randn(2, 4, 19)
     s[0, 1, 17] = float("nan")  # in the scalar tail of a vector row
     s[0, 2, 3] = float("nan")
     s[1, 3, 5] = float("inf")
     p, top = s.clone(), torch.empty(2, 4)
-    _native.softmax_(p, 1.0, None, False, None, top, force_scalar=force_scalar)
+    _native.softmax_(p, 1.0, None, False, None, top, max_level=max_level)
     for n, i in ((0, 1), (0, 2), (1, 3)):
         assert p[n, i].isnan().all() and top[n, i].isnan()
     others = torch.ones(2, 4, dtype=torch.bool)
@@ -74,14 +74,14 @@ def test_softmax_nan_and_inf_rows(force_scalar):
     torch.testing.assert_close(p[others], torch.softmax(s[others], -1))
 
 
-@pytest.mark.parametrize("force_scalar", [False, True])
+@pytest.mark.parametrize("max_level", [2, 1, 0])
 @pytest.mark.parametrize("n,sq,sk", [(1, 1, 1), (2, 7, 13), (4, 64, 256)])
-def test_dscores_matches_torch(n, sq, sk, force_scalar):
+def test_dscores_matches_torch(n, sq, sk, max_level):
     g = torch.Generator().manual_seed(sk)
     dp, delta = torch.randn(n, sq, sk, generator=g), torch.randn(n, sq, generator=g)
     p = torch.softmax(torch.randn(n, sq, sk, generator=g), -1)
     got = dp.clone()
-    _native.dscores_(got, p, delta, 0.25, force_scalar=force_scalar)
+    _native.dscores_(got, p, delta, 0.25, max_level=max_level)
     torch.testing.assert_close(got, 0.25 * p * (dp - delta[..., None]))
 
 

@@ -65,12 +65,13 @@ def has_probs() -> bool:
 
 
 def softmax_(s: Tensor, scale: float, bias: Tensor | None, is_causal: bool, qvalid: Tensor | None,
-             maxp: Tensor | None, force_scalar: bool = False) -> None:
+             maxp: Tensor | None, max_level: int = 2) -> None:
     """In place: s (float32 contiguous [N, Sq, Sk], q k^T) <- softmax(scale * s + bias) per row.
 
     bias None or [N, 1, Sq or 1, Sk] (any float dtype); is_causal masks key j > row i; qvalid None or bool
     [N, Sq] (False: the row is 0); maxp None or float32 contiguous [N, Sq] <- each row's largest probability
-    (0 for a row with nothing to attend to, NaN for a row with a NaN logit). force_scalar: skip AVX2 (tests).
+    (0 for a row with nothing to attend to, NaN for a row with a NaN logit). max_level: the widest SIMD used,
+    2 = AVX-512, 1 = AVX2, 0 = scalar (tests).
     """
     n, _, sk = s.shape
     bias_np, bias_rows = None, 0
@@ -79,10 +80,10 @@ def softmax_(s: Tensor, scale: float, bias: Tensor | None, is_causal: bool, qval
         bias_np, bias_rows = bf.numpy(), bf.shape[1]
     qv = qvalid.contiguous().numpy() if qvalid is not None else None
     native.attention_softmax(s.numpy(), float(scale), bias_np, bias_rows, bool(is_causal), qv,
-                             maxp.numpy() if maxp is not None else None, force_scalar)
+                             maxp.numpy() if maxp is not None else None, max_level)
 
 
-def dscores_(dp: Tensor, p: Tensor, delta: Tensor, scale: float, force_scalar: bool = False) -> None:
+def dscores_(dp: Tensor, p: Tensor, delta: Tensor, scale: float, max_level: int = 2) -> None:
     """In place: dp (float32 contiguous [N, Sq, Sk], dO v^T) <- scale * p * (dp - delta[..., None]);
     p float32 contiguous [N, Sq, Sk], delta float32 [N, Sq]."""
-    native.attention_dscores(dp.numpy(), p.numpy(), _f32(delta).numpy(), float(scale), force_scalar)
+    native.attention_dscores(dp.numpy(), p.numpy(), _f32(delta).numpy(), float(scale), max_level)
