@@ -227,9 +227,23 @@ def main(argv: list[str] | None = None) -> int:
     status = None if args.report_only else run_benchmarks(names)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "REPORT.md"
-    out.write_text(render(status))
+    out.write_text(render(_runs(status)))
     print(f"\nwrote {out}")
     return 0 if not status or all(rc == 0 for rc, _ in status.values()) else 1
+
+
+def _runs(status: dict | None) -> dict:
+    """Each benchmark's last (exit status, seconds), kept in results/runs.json so that a partial run or
+    --report-only still shows the others'."""
+    path = RESULTS / "runs.json"
+    try:
+        runs = json.loads(path.read_text())
+    except (OSError, ValueError):
+        runs = {}
+    if status:
+        runs.update({name: list(rc) for name, rc in status.items()})
+        path.write_text(json.dumps(runs, indent=1) + "\n")
+    return runs
 
 
 if __name__ == "__main__":
