@@ -260,10 +260,11 @@ def _materialized_forward(p: _CpuPlan, is_causal: bool, scale: float, with_conf:
     bias) float32 [N, Sq, Sk] (one bmm, one native pass that also gives each row's largest probability, i.e.
     the confidence for free), then o = P v. The backward is then four bmm and one native pass
     (_materialized_backward) instead of ATen's flash backward. Measured on 2 Xeon cores, B=8, H=20, S=256,
-    D=32, 2 of 20 heads kept, forward + backward with confidence: 3.2 ms against 3.76 ms for flash plus the
-    native row-max pass; without confidence the two ways tie (3.09 against 3.02 ms: the GEMMs are faster, but
-    P makes nine trips through memory), so flash stays there. Padded queries get P rows of 0, so their output
-    is 0. -> (o [N, 1, Sq, Dv], P, largest probability per row float32 [N, Sq] or None)."""
+    D=32, 2 of 20 heads kept, forward + backward with confidence: 3.1 ms against 3.76 ms for flash plus the
+    native row-max pass; without confidence the two ways tie (3.0 ms each: the GEMMs are faster, but P makes
+    nine trips through memory), so flash stays there. P stays alive until the backward (at most
+    MATERIALIZE_MAX floats per call). Padded queries get P rows of 0, so their output is 0.
+    -> (o [N, 1, Sq, Dv], P, largest probability per row float32 [N, Sq] or None)."""
     from . import _native
     n = p.bi.numel()
     probs = _pool.empty((n, p.sq, p.sk), torch.float32)
