@@ -293,13 +293,13 @@ def _cpu_forward_plan(p: _CpuPlan, is_causal: bool, scale: float, with_conf: boo
                       materialize: bool = False):
     """-> (out [B, H, Sq, Dv], lse [B, H, Sq] (None if not want_lse), conf [B, H]); sets p.o, p.lse (compact)
     for the backward, or p.o, p.probs with materialize (then want_lse must be False)."""
-    conf = torch.zeros(p.b, p.h, dtype=torch.float32)
     if materialize:
         p.o, p.probs, maxp = _materialized_forward(p, is_causal, scale, with_conf)
         out = _scatter_pairs(_pool.empty((p.b, p.h, p.sq, p.o.shape[-1]), p.o.dtype), p.bi * p.h + p.hi, p.o)
         if with_conf:
-            conf[p.bi, p.hi] = masked_mean(maxp, maxp != 0)
-        return out, None, conf
+            return out, None, _conf_from_pairs(maxp, p.bi, p.hi, p.b, p.h, "cpu")
+        return out, None, torch.zeros(p.b, p.h, dtype=torch.float32)
+    conf = torch.zeros(p.b, p.h, dtype=torch.float32)
     o, lse = _ATEN._scaled_dot_product_flash_attention_for_cpu(p.q, p.k, p.v, 0.0, is_causal, attn_mask=p.bias,
                                                                scale=scale)
     if p.qv is not None:  # padded queries output zeros (the kernel gave them the valid keys' average)
