@@ -44,8 +44,8 @@ enum Col { cKind, cRows, cCols, cHeads, cMaskOff, cKept, cBits, cDataOff, cDataB
 enum WsumMode { kPerTensor = 0, kPerHead = 1, kPerElement = 2 };
 constexpr int64_t kSerialBelow = 1 << 15;   // kept elements of a batch; below, threads cost more than they save
 constexpr int64_t kThreadsAbove = 1 << 20;  // kept elements of one payload worth threads in sum_squares
-constexpr int64_t kChunk = 2048;
-constexpr int64_t kPrefetch = 4096;        // bytes of codes fetched ahead of the multiply-add           // elements per work item (a multiple of every group size < 2048)
+constexpr int64_t kChunk = 2048;            // elements per work item (a multiple of every group size < 2048)
+constexpr int64_t kPrefetch = 4096;         // bytes of codes fetched ahead of the multiply-add
 
 int64_t values_nbytes(int64_t n, int bits, int64_t gs) {
   if (bits == 32) return 4 * n;

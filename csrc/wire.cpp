@@ -226,27 +226,24 @@ void parse_into(const uint8_t* buf, int64_t n, int64_t max_elements, bool verify
 // data_offset, data_nbytes), [(index, entry tuple) of the metadata entries only]): a server that has seen the
 // same table before needs nothing more.
 py::tuple to_python(const Parsed& p, bool compact) {
-  const auto& heads = p.heads;
-  const auto& spans = p.spans;
   py::list entries;
   if (!compact) {
-    for (size_t i = 0; i < heads.size(); ++i) entries.append(entry_tuple(heads[i], spans[i]));
+    for (size_t i = 0; i < p.heads.size(); ++i) entries.append(entry_tuple(p.heads[i], p.spans[i]));
     return py::make_tuple(p.version, p.group_size, p.meta_offset, p.meta_len, entries);
   }
-  py::array_t<int64_t> table({py::ssize_t(heads.size()), py::ssize_t(5)});
+  py::array_t<int64_t> table({py::ssize_t(p.heads.size()), py::ssize_t(5)});
   int64_t* t = table.mutable_data();
-  for (size_t i = 0; i < heads.size(); ++i) {
-    const auto& s = spans[i];
+  for (size_t i = 0; i < p.heads.size(); ++i) {
+    const auto& s = p.spans[i];
     t[5 * i + 0] = s[0];
     t[5 * i + 1] = s[2];
-    t[5 * i + 2] = heads[i].bits;
+    t[5 * i + 2] = p.heads[i].bits;
     t[5 * i + 3] = s[3];
     t[5 * i + 4] = s[4];
-    if (heads[i].is_meta) entries.append(py::make_tuple(i, entry_tuple(heads[i], s)));
+    if (p.heads[i].is_meta) entries.append(py::make_tuple(i, entry_tuple(p.heads[i], s)));
   }
   return py::make_tuple(p.version, p.group_size, p.meta_offset, p.meta_len, p.table_end, table, entries);
 }
-
 
 py::tuple parse(const py::buffer& payload, int64_t max_elements, bool verify, bool compact) {
   py::buffer_info info = payload.request();
