@@ -148,12 +148,6 @@ __attribute__((target("avx512f"))) float softmax_row_avx512(float* x, const floa
 
 #endif
 
-// Which row kernels run: 2 = AVX-512, 1 = AVX2, 0 = scalar; at most max_level (tests lower it).
-int simd_level(int max_level) {
-  const int have = have_avx512() ? 2 : have_avx2() ? 1 : 0;
-  return std::max(0, std::min(have, max_level));
-}
-
 template <class T>
 T* data_of(py::array_t<T>& x, int64_t n, const char* what) {
   FS_CHECK(x.size() == n, std::string(what) + " has the wrong number of elements");

@@ -67,20 +67,20 @@ __attribute__((target("avx512f"))) inline __m512 exp_avx512(__m512 x) {
   return _mm512_maskz_mul_ps(_knot_mask16(small), p, _mm512_castsi512_ps(e));
 }
 
-// AVX-512F present at run time.
-inline bool have_avx512() {
+// AVX2, FMA and F16C present at run time (every AVX2 CPU has the other two; checked all the same).
+inline bool have_avx2() {
   static const bool ok = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   }();
   return ok;
 }
 
-// AVX2 and FMA present at run time.
-inline bool have_avx2() {
+// AVX-512F present at run time, with everything have_avx2 asks for.
+inline bool have_avx512() {
   static const bool ok = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return __builtin_cpu_supports("avx512f") && have_avx2();
   }();
   return ok;
 }
@@ -88,5 +88,11 @@ inline bool have_avx2() {
 inline bool have_avx2() { return false; }
 inline bool have_avx512() { return false; }
 #endif
+
+// Which kernels run: 2 = AVX-512, 1 = AVX2, 0 = scalar; at most max_level (tests lower it).
+inline int simd_level(int max_level) {
+  const int have = have_avx512() ? 2 : have_avx2() ? 1 : 0;
+  return max_level < have ? (max_level < 0 ? 0 : max_level) : have;
+}
 
 }  // namespace fedsparse
