@@ -23,6 +23,7 @@
 
 #include "common.h"
 #include "parallel.h"
+#include "simd.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FS_AGG_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))  // AVX-512, AVX2
@@ -191,8 +192,7 @@ struct Targets {
 
 // Validate the plan against every buffer, then build the tensors (and, with `items`, the work items of
 // sum_squares). Throws before any write.
-Plan build_plan(const In& payload, const py::buffer& plan_b, int64_t gs, const Targets& to, bool items = false) {
-  py::buffer_info pi = plan_b.request();
+Plan build_plan(const In& payload, const py::buffer_info& pi, int64_t gs, const Targets& to, bool items = false) {
   FS_CHECK(pi.itemsize == 8 && (pi.format == "q" || pi.format == "l") && pi.ndim == 2 && pi.shape[1] == kCols &&
                pi.strides[1] == 8 && pi.strides[0] == 8 * kCols,
            "plan must be a C-contiguous int64 array [n_tensors, 13]");
@@ -281,19 +281,62 @@ Plan build_plan(const In& payload, const py::buffer& plan_b, int64_t gs, const T
   return plan;
 }
 
-#define FS_INLINE inline __attribute__((always_inline))
-template <int N>
-FS_INLINE void fma_u8_fixed(float* __restrict a, const uint8_t* __restrict c, float f) {
-  for (int i = 0; i < N; ++i) a[i] += float(int(c[i]) - 128) * f;
-}
-FS_INLINE void fma_u8(float* __restrict a, const uint8_t* __restrict c, int64_t n, float f) {
-  for (int64_t i = 0; i < n; ++i) a[i] += float(int(c[i]) - 128) * f;
-}
+// 8 bits, the common case: acc[i] += (code[i] - 128) * f over one piece (a quantization group cut at a head
+// block's end), f = group scale * tensor scale * head weight. One ISA struct per instruction set: h2f
+// converts a float16 group scale, fma does one piece; walk_u8 (below) is inlined into each ISA's run so the
+// piece loop inlines too. code - 128 is exact; the SIMD ones then round once (fused multiply-add), the
+// scalar one twice (no FMA assumed).
+#define FS_ALWAYS_INLINE inline __attribute__((always_inline))
+struct U8Scalar {
+  static float h2f(uint16_t h) { return f16_to_f32(h); }
+  FS_ALWAYS_INLINE static void fma(float* __restrict a, const uint8_t* __restrict c, int64_t n, float f) {
+    for (int64_t i = 0; i < n; ++i) a[i] += float(int(c[i]) - 128) * f;
+  }
+};
+#ifdef FS_X86
+#define FS_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define FS_TARGET_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
+// Codes widen straight from memory to int32 lanes (vpmovzxbd: one shuffle per 8 or 16 codes, against ~2.3
+// for the byte -> word -> dword chain the compiler emits for the scalar loop).
+struct U8Avx2 {
+  FS_TARGET_AVX2 static float h2f(uint16_t h) { return _cvtsh_ss(h); }
+  FS_TARGET_AVX2 static void fma(float* __restrict a, const uint8_t* __restrict c, int64_t n, float f) {
+    const __m256 vf = _mm256_set1_ps(f), off = _mm256_set1_ps(128.f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + i)));
+      const __m256 x = _mm256_sub_ps(_mm256_cvtepi32_ps(q), off);
+      _mm256_storeu_ps(a + i, _mm256_fmadd_ps(x, vf, _mm256_loadu_ps(a + i)));
+    }
+    for (; i < n; ++i) a[i] = std::fma(float(c[i]) - 128.f, f, a[i]);
+  }
+};
+struct U8Avx512 {
+  FS_TARGET_AVX512 static float h2f(uint16_t h) { return _cvtsh_ss(h); }
+  FS_TARGET_AVX512 static void fma(float* __restrict a, const uint8_t* __restrict c, int64_t n, float f) {
+    const __m512 vf = _mm512_set1_ps(f), off = _mm512_set1_ps(128.f);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + i)));
+      const __m512 x = _mm512_sub_ps(_mm512_cvtepi32_ps(q), off);
+      _mm512_storeu_ps(a + i, _mm512_fmadd_ps(x, vf, _mm512_loadu_ps(a + i)));
+    }
+    if (i < n) {  // the tail under a mask; its codes copied out first (no byte-masked load without AVX-512BW)
+      alignas(16) uint8_t tail[16] = {};
+      std::memcpy(tail, c + i, size_t(n - i));
+      const __mmask16 m = __mmask16((1u << (n - i)) - 1);
+      const __m512i q = _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(tail)));
+      const __m512 x = _mm512_sub_ps(_mm512_cvtepi32_ps(q), off);
+      _mm512_mask_storeu_ps(a + i, m, _mm512_fmadd_ps(x, vf, _mm512_maskz_loadu_ps(m, a + i)));
+    }
+  }
+};
+#endif
 
-// 8 bits, the common case: one walk over the item's compact range, cut where a run (head block) or a
-// quantization group ends; each piece is one multiply-add loop with a constant factor. Cloned for AVX2
-// as a whole so the inner loop inlines (a call per 64-element piece through the ifunc costs ~20%).
-FS_AGG_HOT void run_u8(const Tensor& t, int64_t k0, int64_t cnt, int64_t gs, float scale) {
+// One walk over an item's compact range [k0, k0 + cnt), cut where a run (head block) or a quantization group
+// ends; each piece is one Isa::fma with a constant factor.
+template <class Isa>
+FS_ALWAYS_INLINE void walk_u8(const Tensor& t, int64_t k0, int64_t cnt, int64_t gs, float scale) {
   const int64_t n_groups = (t.n_kept + gs - 1) / gs;
   const uint8_t* scales = t.values + 4;
   const uint8_t* codes = t.values + 4 + 2 * n_groups;
@@ -301,30 +344,65 @@ FS_AGG_HOT void run_u8(const Tensor& t, int64_t k0, int64_t cnt, int64_t gs, flo
   const int64_t end = k0 + cnt;
   int64_t k = k0, s = k0 / t.seg_len, off = k0 % t.seg_len, unit = 0;
   int64_t start = t.segment_start(s, &unit);
-  float wu = t.w[unit];
+  float wu = tstep * t.w[unit];
   const int shift = __builtin_ctzll(uint64_t(gs));  // gs is a power of two: no division per piece
+  const auto next_segment = [&] {
+    off = 0;
+    start = t.segment_start(++s, &unit);
+    wu = tstep * t.w[unit];
+  };
+  if (gs == 64 && t.seg_len % 64 == 0 && k0 % 64 == 0) {  // the usual case: every piece a whole group of 64
+    while (k < end) {
+      const int64_t seg_end = std::min(k + t.seg_len - off, end);
+      float* dst = t.acc + start + off;
+      for (; k + 64 <= seg_end; k += 64, dst += 64) {
+        __builtin_prefetch(codes + k + kPrefetch);
+        Isa::fma(dst, codes + k, 64, Isa::h2f(load_u16le(scales + 2 * (k >> 6))) * wu);
+      }
+      if (k < seg_end) Isa::fma(dst, codes + k, seg_end - k, Isa::h2f(load_u16le(scales + 2 * (k >> 6))) * wu);
+      if (k >= end || seg_end == end) return;
+      k = seg_end;
+      next_segment();
+    }
+    return;
+  }
   while (k < end) {
     const int64_t g = k >> shift;
     const int64_t take = std::min(std::min(t.seg_len - off, ((g + 1) << shift) - k), end - k);
-    const float f = f16_to_f32(load_u16le(scales + 2 * g)) * tstep * wu;
     __builtin_prefetch(codes + k + kPrefetch);
-    if (take == 64) fma_u8_fixed<64>(t.acc + start + off, codes + k, f);  // the usual piece: no loop tail
-    else fma_u8(t.acc + start + off, codes + k, take, f);
+    Isa::fma(t.acc + start + off, codes + k, take, Isa::h2f(load_u16le(scales + 2 * g)) * wu);
     k += take;
     off += take;
-    if (off == t.seg_len && k < end) {
-      off = 0;
-      start = t.segment_start(++s, &unit);
-      wu = t.w[unit];
-    }
+    if (off == t.seg_len && k < end) next_segment();
   }
 }
 
+void run_u8_scalar(const Tensor& t, int64_t k0, int64_t cnt, int64_t gs, float scale) {
+  walk_u8<U8Scalar>(t, k0, cnt, gs, scale);
+}
+#ifdef FS_X86
+FS_TARGET_AVX2 void run_u8_avx2(const Tensor& t, int64_t k0, int64_t cnt, int64_t gs, float scale) {
+  walk_u8<U8Avx2>(t, k0, cnt, gs, scale);
+}
+FS_TARGET_AVX512 void run_u8_avx512(const Tensor& t, int64_t k0, int64_t cnt, int64_t gs, float scale) {
+  walk_u8<U8Avx512>(t, k0, cnt, gs, scale);
+}
+#endif
+
+void run_u8(const Tensor& t, int64_t k0, int64_t cnt, int64_t gs, float scale, int level) {
+#ifdef FS_X86
+  if (level >= 2) return run_u8_avx512(t, k0, cnt, gs, scale);
+  if (level == 1) return run_u8_avx2(t, k0, cnt, gs, scale);
+#endif
+  run_u8_scalar(t, k0, cnt, gs, scale);
+}
+
 // acc += scale * w * values for the compact elements [k0, k0 + cnt) of one tensor (any range).
-void run_range(const Tensor& t, int64_t k0, int64_t cnt, int64_t gs, float scale, std::vector<float>& buf) {
+void run_range(const Tensor& t, int64_t k0, int64_t cnt, int64_t gs, float scale, std::vector<float>& buf,
+               int level) {
   if (cnt <= 0) return;
   if (t.bits == 8) {
-    run_u8(t, k0, cnt, gs, scale);
+    run_u8(t, k0, cnt, gs, scale, level);
   } else {
     const int64_t piece = t.bits <= 8 ? gs : kChunk;  // decode one quantization group (or chunk) at a time
     if (buf.size() < size_t(piece)) buf.resize(size_t(piece));  // payloads of a batch may differ in group size
@@ -391,7 +469,7 @@ struct Unit {
 
 void accumulate(const py::sequence& payloads, const py::sequence& plans, const py::sequence& weights,
                 const py::sequence& scales_seq, const py::sequence& group_sizes, const py::buffer& acc_b,
-                const py::buffer& wsum_b, const py::buffer& counts_b, double clip_norm) {
+                const py::buffer& wsum_b, const py::buffer& counts_b, double clip_norm, int max_level) {
   FS_CHECK(clip_norm == 0 || (std::isfinite(clip_norm) && clip_norm > 0), "clip_norm must be 0 (off) or > 0");
   const size_t B = py::len(payloads);
   FS_CHECK(py::len(plans) == B && py::len(weights) == B && py::len(scales_seq) == B && py::len(group_sizes) == B,
@@ -413,21 +491,28 @@ void accumulate(const py::sequence& payloads, const py::sequence& plans, const p
                disjoint(si.ptr, 4 * si.size, ci.ptr, 4 * ci.size),
            "acc, wsum and counts must not overlap");
 
-  std::vector<py::buffer_info> views;  // keep every buffer alive and pinned while the GIL is released
+  // With the GIL: pin every buffer (kept alive until return) and read the scalars. Without it: everything else,
+  // so that the caller's other threads run Python meanwhile (the plans' checks are ~5% of a call).
+  std::vector<py::buffer_info> views;
   std::vector<Plan> batch(B);
   std::vector<float> scale(B);
-  views.reserve(2 * B);
+  std::vector<int64_t> gs(B);
+  views.reserve(3 * B);
   const auto at = [](size_t b) { return "payload " + std::to_string(b) + ": "; };  // built only on failure
   for (size_t b = 0; b < B; ++b) {
     views.push_back(py::buffer(payloads[b]).request());
-    const py::buffer_info& pv = views.back();
+    views.push_back(py::buffer(weights[b]).request());
+    views.push_back(py::buffer(plans[b]).request());
+    scale[b] = py::cast<float>(scales_seq[b]);
+    gs[b] = py::cast<int64_t>(group_sizes[b]);
+  }
+  py::gil_scoped_release nogil;
+  for (size_t b = 0; b < B; ++b) {
+    const py::buffer_info &pv = views[3 * b], &wv = views[3 * b + 1];
     FS_CHECK(pv.ndim <= 1 && (pv.ndim == 0 || pv.strides[0] == pv.itemsize), at(b) + "payload must be contiguous");
     const In payload{static_cast<const uint8_t*>(pv.ptr), int64_t(pv.size * pv.itemsize)};
-    views.push_back(py::buffer(weights[b]).request());
-    const py::buffer_info& wv = views.back();
     FS_CHECK(wv.format == py::format_descriptor<float>::format() && wv.ndim == 1 && (wv.size == 0 || wv.strides[0] == 4),
              at(b) + "weights must be a contiguous float32 [n]");
-    scale[b] = py::cast<float>(scales_seq[b]);
     FS_CHECK(std::isfinite(scale[b]), at(b) + "scale must be finite");
     Targets to;
     to.w = static_cast<const float*>(wv.ptr);
@@ -439,7 +524,7 @@ void accumulate(const py::sequence& payloads, const py::sequence& plans, const p
     to.n_wsum = int64_t(si.size);
     to.present = true;
     try {
-      batch[b] = build_plan(payload, py::buffer(plans[b]), py::cast<int64_t>(group_sizes[b]), to, clip_norm > 0);
+      batch[b] = build_plan(payload, views[3 * b + 2], gs[b], to, clip_norm > 0);
     } catch (const std::invalid_argument& e) {
       throw std::invalid_argument(at(b) + e.what());
     }
@@ -475,7 +560,7 @@ void accumulate(const py::sequence& payloads, const py::sequence& plans, const p
   }
   for (const Plan& p : batch) total_kept += p.total_kept;
 
-  py::gil_scoped_release nogil;
+  const int level = simd_level(max_level);
   const int threads = total_kept > kSerialBelow ? max_threads() : 1;
   std::vector<std::vector<float>> bufs(static_cast<size_t>(threads));
   if (clip_norm > 0) {  // each payload's norm first (its items in order, one payload per thread at a time)
@@ -511,7 +596,7 @@ void accumulate(const py::sequence& payloads, const py::sequence& plans, const p
         const Plan& p = batch[size_t(b)];
         const Tensor& t = p.tensors[size_t(i)];
         const int64_t ka = t.compact_pos(un.e0), kb = t.compact_pos(un.e1);
-        run_range(t, ka, kb - ka, p.gs, scale[size_t(b)], buf);
+        run_range(t, ka, kb - ka, p.gs, scale[size_t(b)], buf, level);
       }
     }
   });
@@ -521,7 +606,8 @@ void accumulate(const py::sequence& payloads, const py::sequence& plans, const p
 // that did not travel are zero). Used for norm clipping; weights, acc and wsum are not touched.
 double sum_squares(const py::buffer& payload_b, const py::buffer& plan_b, int64_t gs) {
   const In payload = read_only(payload_b, "payload");
-  Plan plan = build_plan(payload, plan_b, gs, Targets(), /*items=*/true);
+  const py::buffer_info plan_info = plan_b.request();
+  Plan plan = build_plan(payload, plan_info, gs, Targets(), /*items=*/true);
 
   py::gil_scoped_release nogil;
   const int64_t n_items = int64_t(plan.items.size());
@@ -543,13 +629,15 @@ void init_aggregate(py::module_& m) {
   using namespace fedsparse;
   m.def("accumulate", &accumulate, py::arg("payloads"), py::arg("plans"), py::arg("weights"), py::arg("scales"),
         py::arg("group_sizes"), py::arg("acc"), py::arg("wsum"), py::arg("counts"), py::arg("clip_norm") = 0.0,
+        py::arg("max_level") = 2,
         "For each payload b of a batch (sequences of equal length): acc += scales[b] * w * dequantize(tensor) for "
         "every tensor, scattered to its place; wsum += w and counts += 1 for the tensors / heads / elements that "
         "travelled. clip_norm > 0: each payload's scale is first multiplied by min(1, clip_norm / ||its values||). "
         "plans[b]: int64 [n, 13] rows (kind, "
         "rows, cols, n_heads, mask_offset or -1 for all kept, n_kept, bits, data_offset, data_nbytes, "
         "acc_offset, w_offset, wsum_offset or -1, wsum_mode 0 tensor / 1 head / 2 element); weights float32 "
-        "(one per head for head-sparse tensors, else one per tensor). Checks the whole batch before writing.");
+        "(one per head for head-sparse tensors, else one per tensor). Checks the whole batch before writing. "
+        "max_level caps the instruction set of the 8-bit loop (2 AVX-512, 1 AVX2, 0 scalar; for tests).");
   m.def("sum_squares", &sum_squares, py::arg("payload"), py::arg("plan"), py::arg("group_size"),
         "Sum of squares (float64) of the dequantized values of the planned tensors of a payload.");
 }

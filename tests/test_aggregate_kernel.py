@@ -14,9 +14,9 @@ pytestmark = pytest.mark.skipif(C is None, reason="native module not built")
 PER_TENSOR, PER_HEAD, PER_ELEMENT = 0, 1, 2
 
 
-def acc1(payload, plan, weights, scale, group_size, acc, wsum, counts):
-    """One payload through the batch kernel."""
-    C.accumulate([payload], [plan], [weights], [scale], [group_size], acc, wsum, counts)
+def acc1(payload, plan, weights, scale, group_size, acc, wsum, counts, max_level=2):
+    """One payload through the batch kernel (max_level: 8-bit loop on AVX-512 2, AVX2 1, scalar 0, where present)."""
+    C.accumulate([payload], [plan], [weights], [scale], [group_size], acc, wsum, counts, max_level=max_level)
 
 
 def one_tensor_payload(shape, kind, n_heads, mask, bits, group_size, rng):
@@ -48,8 +48,9 @@ def plan_row(e, acc_off=0, w_off=0, wsum_off=-1, mode=None, mask_off=None, kind=
 @given(kind=st.sampled_from([KIND_DENSE, KIND_HEAD_ROWS, KIND_HEAD_COLS, KIND_ELEMENTS]),
        bits=st.sampled_from([32, 16, 8, 4, 2]), group_size=st.sampled_from([16, 64, 256]),
        n_heads=st.integers(1, 6), per_head=st.integers(1, 5), other=st.integers(1, 70),
-       seed=st.integers(0, 2**31), scale=st.sampled_from([1.0, 0.37]), per_element=st.booleans())
-def test_accumulate_matches_numpy(kind, bits, group_size, n_heads, per_head, other, seed, scale, per_element):
+       seed=st.integers(0, 2**31), scale=st.sampled_from([1.0, 0.37]), per_element=st.booleans(),
+       level=st.sampled_from([0, 1, 2]))
+def test_accumulate_matches_numpy(kind, bits, group_size, n_heads, per_head, other, seed, scale, per_element, level):
     rng = np.random.default_rng(seed)
     if kind == KIND_HEAD_ROWS:
         shape = (n_heads * per_head, other)
@@ -69,7 +70,7 @@ def test_accumulate_matches_numpy(kind, bits, group_size, n_heads, per_head, oth
     ws0 = rng.random(n_ws + 2).astype(np.float32)
     acc, wsum, counts = acc0.copy(), ws0.copy(), np.zeros_like(ws0)
     acc1(p, plan_row(e, acc_off=5, w_off=3, wsum_off=2, mode=mode), w, scale, layout.group_size, acc, wsum,
-                 counts)
+         counts, max_level=level)
 
     x = decode_entry(memoryview(p), e, layout.group_size).reshape(-1)
     bits_mask = fedsparse.unpack(p).head_masks.get(e.name, fedsparse.unpack(p).element_masks.get(e.name))
@@ -187,6 +188,37 @@ def test_batch_equals_one_at_a_time_across_blocks():
         for x, y in zip(seq, bat):
             np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
         assert np.abs(seq[0]).sum() > 0
+
+
+@pytest.mark.parametrize("shape,kind", [((12 * 64, 16), KIND_HEAD_ROWS), ((16, 12 * 64), KIND_HEAD_COLS),
+                                        ((12 * 5, 130), KIND_HEAD_ROWS), ((7, 12 * 6), KIND_HEAD_COLS)])
+def test_8bit_loop_same_on_every_instruction_set(shape, kind):
+    """The 8-bit loop's three builds over a batch that crosses output blocks: whole groups of 64 per head block
+    (LoRA shapes: the fast walk) and head blocks that cut groups (the general walk). AVX2 and AVX-512 round
+    alike (one fused multiply-add per element); the scalar build within float32 rounding of them."""
+    rng = np.random.default_rng(5)
+    items = []
+    for _ in range(5):
+        p, layout, e = one_tensor_payload(shape, kind, 12, rng.random(12) < 0.5, 8, 64, rng)
+        items.append((p, plan_row(e, wsum_off=0), rng.random(12).astype(np.float32), float(rng.random()), 64))
+    numel = int(np.prod(shape))
+    out = {}
+    for level in (2, 1, 0):
+        bufs = [np.zeros(numel, np.float32), np.zeros(12, np.float32), np.zeros(12, np.float32)]
+        C.accumulate(*[list(x) for x in zip(*items)], *bufs, max_level=level)
+        out[level] = bufs
+    ref = np.zeros(numel, np.float32)
+    for p, plan, w, sc, gs in items:
+        e = fedsparse.unpack(p).entry(next(iter(fedsparse.unpack(p))))
+        x = decode_entry(memoryview(p), e, gs).reshape(-1)
+        r, c = matrix_view(e.shape, e.kind)
+        wel = (np.repeat(w, r // 12)[:, None].repeat(c, 1) if kind == KIND_HEAD_ROWS else
+               np.repeat(w, c // 12)[None, :].repeat(r, 0)).reshape(-1)
+        ref += np.float32(sc) * wel * x
+    for level in (2, 1, 0):
+        np.testing.assert_allclose(out[level][0], ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(out[level][1], out[2][1])
+    np.testing.assert_array_equal(out[1][0], out[2][0])
 
 
 def test_bad_payload_in_a_batch_writes_nothing():
