@@ -5,6 +5,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <string>
@@ -117,13 +118,14 @@ struct Head {
   int dtype, bits, kind;
   bool is_meta;
   int64_t n_heads;
-  std::vector<int64_t> shape;
+  int ndim = 0;
+  std::array<int64_t, kMaxNdim> shape;  // in place: no allocation per tensor
   int64_t numel;
 };
 
 py::tuple entry_tuple(const Head& h, const std::array<int64_t, 5>& s) {
-  py::tuple shape(h.shape.size());
-  for (size_t d = 0; d < h.shape.size(); ++d) shape[d] = h.shape[d];
+  py::tuple shape(h.ndim);
+  for (int d = 0; d < h.ndim; ++d) shape[d] = h.shape[size_t(d)];
   return py::make_tuple(py::bytes(h.name), h.dtype, h.bits, h.kind, h.is_meta, h.n_heads, shape, s[0], s[1], s[2], s[3],
                         s[4]);
 }
@@ -157,6 +159,7 @@ void parse_into(const uint8_t* buf, int64_t n, int64_t max_elements, bool verify
 
   std::string prev;
   int64_t total = 0;
+  out.heads.reserve(size_t(std::min(n_tensors, (n - r.pos) / 6)));  // a table entry takes >= 6 bytes
   for (int64_t i = 0; i < n_tensors; ++i) {
     r.tensor = i;
     const auto what = [i] { return "tensor #" + std::to_string(i); };
@@ -178,13 +181,13 @@ void parse_into(const uint8_t* buf, int64_t n, int64_t max_elements, bool verify
     h.kind = flags & 0x3;
     h.is_meta = flags & 0x4;
     h.n_heads = r.varint(" n_heads", kMaxDim);
-    const int ndim = r.u8(" ndim");
+    const int ndim = h.ndim = r.u8(" ndim");
     if (ndim > kMaxNdim) throw ParseError(what() + ": too many dimensions");
     h.numel = 1;
     bool zero = false;
     for (int d = 0; d < ndim; ++d) {
       const int64_t dim = r.varint(" dim", kMaxDim);
-      h.shape.push_back(dim);
+      h.shape[size_t(d)] = dim;
       zero |= dim == 0;
       // Cap as we multiply so the product never overflows; a zero dim anywhere makes numel 0.
       if (!zero) h.numel = dim > 0 && h.numel > (max_elements + 1) / dim ? max_elements + 1 : h.numel * dim;
@@ -195,7 +198,7 @@ void parse_into(const uint8_t* buf, int64_t n, int64_t max_elements, bool verify
     if (h.kind == 1 || h.kind == 2) {
       if (ndim == 0 || h.n_heads == 0)
         throw ParseError(what() + ": head sparsity needs a tensor of rank >= 1 and n_heads >= 1");
-      const int64_t head_dim = h.kind == 1 ? h.shape.front() : h.shape.back();
+      const int64_t head_dim = h.kind == 1 ? h.shape[0] : h.shape[size_t(ndim - 1)];
       if (head_dim % h.n_heads) throw ParseError(what() + ": heads do not divide the shape");
     } else if (h.n_heads != 0) {
       throw ParseError(what() + ": n_heads given for a tensor without head sparsity");
