@@ -308,53 +308,78 @@ class Accumulator:
         return hit
 
     # -- weights ----------------------------------------------------------------------------------------
-    def _unit_weights(self, client: Client, weight: float, slots, n_slots, cache) -> np.ndarray:
+    def _batch_weights(self, clients: list, weights: np.ndarray, hit) -> np.ndarray:
+        """float32 [len(clients), n_slots]: each client's weight times its head scores (1 where it sent none),
+        for clients of one plan; a score signature's index into the flat scores is built once and cached."""
+        _, slots, n_slots, _, cache, _ = hit
+        out = np.repeat(weights.astype(np.float32)[:, None], n_slots, 1)
         if not self.use_scores:
-            return np.full(n_slots, weight, np.float32)
-        meta = client.metadata
-        sig = _score_signature(meta)
-        if sig is None:
-            return np.full(n_slots, weight, np.float32)
-        idx = cache.get(sig)
-        ext = _score_flat(meta, sig)  # the scores, then 1.0 for "no score"
-        if idx is None:
-            idx = np.full(n_slots, ext.size - 1, np.int64)
-            for name, kind, H, off, nw in slots:
-                if kind not in _HEAD_KINDS:
-                    continue
-                s = head_scores(meta, client.cid, name, H)  # validates; then locate it in ext
-                if s is None:
-                    continue
-                idx[off:off + nw] = _locate(meta, sig, name, H)
-            cache[sig] = idx
-        vals = ext[idx]
-        if not (vals.min(initial=0.0) >= 0 and np.isfinite(vals.max(initial=0.0))):  # NaN fails both
-            for name, kind, H, off, nw in slots:  # name the tensor
-                if kind in _HEAD_KINDS:
-                    head_scores(meta, client.cid, name, H)
-        return (vals * weight).astype(np.float32)
+            return out
+        by_sig: dict = {}
+        for i, c in enumerate(clients):
+            sig = _score_signature(c.metadata)
+            if sig is not None:
+                by_sig.setdefault(sig, []).append(i)
+        for sig, rows in by_sig.items():
+            first = clients[rows[0]]
+            flat = [_score_flat(clients[i].metadata, sig) for i in rows]  # the scores, then 1.0 for "no score"
+            idx = cache.get(sig)
+            if idx is None:
+                idx = np.full(n_slots, flat[0].size - 1, np.int64)
+                for name, kind, H, off, nw in slots:
+                    if kind in _HEAD_KINDS and head_scores(first.metadata, first.cid, name, H) is not None:
+                        idx[off:off + nw] = _locate(first.metadata, sig, name, H)  # validated just above
+                cache[sig] = idx
+            vals = np.stack([f[idx] for f in flat])
+            ok = (vals.min(axis=1, initial=0.0) >= 0) & np.isfinite(vals.max(axis=1, initial=0.0))  # NaN fails
+            for j in np.flatnonzero(~ok):  # name the client and tensor
+                bad = clients[rows[j]]
+                for name, kind, H, off, nw in slots:
+                    if kind in _HEAD_KINDS:
+                        head_scores(bad.metadata, bad.cid, name, H)
+            out[rows] = vals * weights[rows, None]
+        return out
+
+    def _batch_plans(self, batch: list) -> tuple:
+        """Plans (int64 [n, 13] each) and unit weights of pending (client, cached plan, weight, scale) entries, built
+        a plan at a time: the template rows with every client's spans, and _batch_weights."""
+        plans, ws = [None] * len(batch), [None] * len(batch)
+        by_plan: dict = {}
+        for i, (_, hit, _, _) in enumerate(batch):
+            by_plan.setdefault(id(hit), []).append(i)
+        for rows_of in by_plan.values():
+            hit = batch[rows_of[0]][1]
+            rows, _, _, all_kept, _, tensor_rows = hit
+            clients = [batch[i][0] for i in rows_of]
+            p = np.empty((len(rows_of),) + rows.shape, np.int64)
+            p[:] = rows
+            p[:, :, _SPAN] = np.stack([c.spans[tensor_rows] for c in clients])
+            if all_kept.size:
+                p[:, all_kept, C_MASK] = -1
+            w = self._batch_weights(clients, np.array([batch[i][2] for i in rows_of], np.float64), hit)
+            for j, i in enumerate(rows_of):
+                plans[i], ws[i] = p[j], w[j]
+        return plans, ws
 
     # -- the hot path -----------------------------------------------------------------------------------
     def add(self, client: Client, weight: float, scale: float = 1.0) -> None:
-        """acc += scale * clip_k * weight * s_kh * update_k, clip_k from clip_norm (weight sums see neither)."""
+        """acc += scale * clip_k * weight * s_kh * update_k, clip_k from clip_norm (weight sums see neither).
+        With the native module, clients are folded in a batch at a time (flush); their head scores are checked
+        then."""
         if self.acc is None:
             self._start(client)
         elif client.version != self.version:
             self._check(client)
-        rows, slots, n_slots, all_kept, cache, tensor_rows = self._plan_for(client)
-        plan = rows.copy()
-        plan[:, _SPAN] = client.spans[tensor_rows]
-        if all_kept.size:
-            plan[all_kept, C_MASK] = -1
-        w = self._unit_weights(client, weight, slots, n_slots, cache)
-        if _backend.native is not None:
-            self._pending.append((client, plan, w, float(scale)))
-            if len(self._pending) >= self.batch:
-                self.flush(wait=False)
-        else:
+        hit = self._plan_for(client)
+        self._pending.append((client, hit, float(weight), float(scale)))
+        if _backend.native is None:
+            (plan,), (w,) = self._batch_plans(self._pending)
+            self._pending = []
             if self.clip_norm:
                 scale *= clip_factor(self.sum_squares(client), self.clip_norm)
             self._add_numpy(client, plan, w, scale)
+        elif len(self._pending) >= self.batch:
+            self.flush(wait=False)
         self.total_weight += weight
         self.n_clients += 1
 
@@ -365,9 +390,9 @@ class Accumulator:
         self._join()
         if self._pending:
             batch, self._pending = self._pending, []
-            args = ([c.buffer for c, *_ in batch], [p for _, p, _, _ in batch], [w for *_, w, _ in batch],
-                    [s for *_, s in batch], [c.group_size for c, *_ in batch], self.acc, self.wsum, self.counts,
-                    float(self.clip_norm or 0.0))
+            plans, ws = self._batch_plans(batch)
+            args = ([c.buffer for c, *_ in batch], plans, ws, [s for *_, s in batch],
+                    [c.group_size for c, *_ in batch], self.acc, self.wsum, self.counts, float(self.clip_norm or 0.0))
             if wait:
                 self._run(batch, args)
             else:
