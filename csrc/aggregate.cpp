@@ -48,12 +48,6 @@ constexpr int64_t kThreadsAbove = 1 << 20;  // kept elements of one payload wort
 constexpr int64_t kChunk = 2048;            // elements per work item (a multiple of every group size < 2048)
 constexpr int64_t kPrefetch = 4096;         // bytes of codes fetched ahead of the multiply-add
 
-int64_t values_nbytes(int64_t n, int bits, int64_t gs) {
-  if (bits == 32) return 4 * n;
-  if (bits == 16) return 2 * n;
-  return 4 + 2 * ((n + gs - 1) / gs) + (n * bits + 7) / 8;
-}
-
 struct Tensor {
   int kind = kDense, bits = 32;
   int64_t R = 0, C = 0, H = 0, n_kept = 0, seg_len = 1;

@@ -15,6 +15,14 @@ namespace fedsparse {
 // Sparsity kinds of the wire format (python/fedsparse/sparsity.py).
 enum Kind { kDense = 0, kHeadRows = 1, kHeadCols = 2, kElements = 3 };
 
+// Bytes of a value section of n values (docs/wire-format.md): float32, float16, or for 8/4/2 bits a float32
+// tensor scale, one float16 scale per group of gs values, then the codes packed into bytes.
+inline int64_t values_nbytes(int64_t n, int bits, int64_t gs) {
+  if (bits == 32) return 4 * n;
+  if (bits == 16) return 2 * n;
+  return 4 + 2 * ((n + gs - 1) / gs) + (n * bits + 7) / 8;
+}
+
 // Little-endian loads from possibly unaligned bytes (the wire format is little-endian everywhere).
 inline uint32_t load_u32le(const uint8_t* p) {
   return uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24;

@@ -185,12 +185,6 @@ MutBuf write_buffer(const py::buffer& b, const char* what) {
   return {static_cast<uint8_t*>(info.ptr), int64_t(info.size * info.itemsize)};
 }
 
-int64_t values_nbytes(int64_t n, int bits, int64_t gs) {
-  if (bits == 32) return 4 * n;
-  if (bits == 16) return 2 * n;
-  return 4 + 2 * ((n + gs - 1) / gs) + (n * bits + 7) / 8;
-}
-
 void check_common(int kind, int64_t R, int64_t C, int64_t n_heads, int64_t mask_size, int bits, int64_t gs) {
   FS_CHECK(kind >= kDense && kind <= kElements, "unknown sparsity kind");
   FS_CHECK(R >= 0 && C >= 0, "negative shape");

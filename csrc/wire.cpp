@@ -73,12 +73,6 @@ int64_t popcount_bits(const uint8_t* p, int64_t nbits) {
   return c;
 }
 
-int64_t values_nbytes(int64_t n, int bits, int64_t gs) {
-  if (bits == 32) return 4 * n;
-  if (bits == 16) return 2 * n;
-  return 4 + 2 * ((n + gs - 1) / gs) + (n * bits + 7) / 8;
-}
-
 // Group scales are float16 in [0, 1] (or -0): checked on the bits, so the loop vectorizes.
 bool scales_ok(const uint8_t* p, int64_t g) {
   uint32_t bad = 0;
