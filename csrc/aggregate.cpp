@@ -354,9 +354,8 @@ FS_ALWAYS_INLINE void walk_u8(const Tensor& t, int64_t k0, int64_t cnt, int64_t 
         Isa::fma(dst, codes + k, 64, Isa::h2f(load_u16le(scales + 2 * (k >> 6))) * wu);
       }
       if (k < seg_end) Isa::fma(dst, codes + k, seg_end - k, Isa::h2f(load_u16le(scales + 2 * (k >> 6))) * wu);
-      if (k >= end || seg_end == end) return;
       k = seg_end;
-      next_segment();
+      if (k < end) next_segment();
     }
     return;
   }
