@@ -1,4 +1,5 @@
-// AVX2 helpers shared by the CPU attention kernels, and the run-time check that gates them.
+// SIMD helpers shared by the CPU kernels (attention: exp, horizontal max and sum; aggregate: the level
+// check), and the run-time checks that gate them.
 #pragma once
 #include <cstdint>
 #include <limits>
