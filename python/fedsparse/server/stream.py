@@ -370,16 +370,16 @@ class Accumulator:
             self._start(client)
         elif client.version != self.version:
             self._check(client)
-        hit = self._plan_for(client)
-        self._pending.append((client, hit, float(weight), float(scale)))
+        entry = (client, self._plan_for(client), float(weight), float(scale))
         if _backend.native is None:
-            (plan,), (w,) = self._batch_plans(self._pending)
-            self._pending = []
+            (plan,), (w,) = self._batch_plans([entry])
             if self.clip_norm:
                 scale *= clip_factor(self.sum_squares(client), self.clip_norm)
             self._add_numpy(client, plan, w, scale)
-        elif len(self._pending) >= self.batch:
-            self.flush(wait=False)
+        else:
+            self._pending.append(entry)
+            if len(self._pending) >= self.batch:
+                self.flush(wait=False)
         self.total_weight += weight
         self.n_clients += 1
 
