@@ -10,6 +10,7 @@ void init_crc32(py::module_& m);
 void init_aggregate(py::module_& m);
 void init_attention(py::module_& m);
 void init_attention_probs(py::module_& m);
+void init_attention_fused(py::module_& m);
 #ifdef FEDSPARSE_WITH_CUDA
 void init_cuda(py::module_& m);
 #endif
@@ -45,6 +46,7 @@ PYBIND11_MODULE(_C, m) {
   init_aggregate(m);
   init_attention(m);
   init_attention_probs(m);
+  init_attention_fused(m);
 #ifdef FEDSPARSE_WITH_CUDA
   init_cuda(m);
 #endif

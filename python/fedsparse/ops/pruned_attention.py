@@ -6,20 +6,23 @@ with a fake (meta) implementation each and autograd wired between them, so the o
 
 Work is laid out over the kept (batch, head) pairs only, forward and backward:
   * CUDA: the Triton kernels of ``fedsparse.kernels.attention`` (grid over kept pairs only).
-  * CPU (float32, float16, bfloat16): the kept pairs are gathered (one copy of 1/10 of q, k, v at 90% pruning)
-    and handed to ATen's CPU flash-attention kernels as a batch of N single-head problems; results are written
-    into the full tensors with one contiguous copy per kept pair and one memset per pruned pair.
-    Measured on 2 Xeon cores, B=8, H=20, S=256, D=32, 2 of 20 heads kept, forward + backward: the kept-only
-    SDPA call itself is ~2.8 ms of the total; the rest is writing the full-size outputs and gradients
-    (4 x 5.2 MB, ~0.8 ms, unavoidable: they are dense tensors) and the gathers. The naive way (index_select,
-    SDPA, torch.zeros + index_copy, and autograd's zeros + index_add for each of dq, dk, dv) writes every
-    pruned byte twice and gathers through autograd. See benchmarks/bench_attention.py.
+  * CPU, float32 with some heads pruned, on AVX-512 (eager calls; _FusedCpu): the native fused kernel of
+    csrc/attention_fused.cpp, one parallel pass per direction. It reads the kept pairs of q, k, v in place
+    (no gather), keeps their probabilities from the forward for the backward (six GEMMs per pair where flash
+    attention needs seven) and writes the full-size output and gradients directly, pruned pairs zeroed in the
+    same pass. Up to MATERIALIZE_MAX kept probabilities per call.
+  * CPU otherwise (float16, bfloat16; grouped-query heads; no head pruned; larger calls; the registered op):
+    the kept pairs are gathered (one copy of 1/10 of q, k, v at 90% pruning) and handed to ATen's CPU
+    flash-attention kernels as a batch of N single-head problems; results are written into the full tensors
+    with one contiguous copy per kept pair and one memset per pruned pair. The naive way (index_select, SDPA,
+    torch.zeros + index_copy, and autograd's zeros + index_add for each of dq, dk, dv) writes every pruned
+    byte twice and gathers through autograd. See benchmarks/bench_attention.py.
   * anything else (float64, other devices): the plain-torch reference, differentiated by autograd.
 
 Confidence (return_confidence=True) needs each row's max logit next to the log-sum-exp: the Triton kernel
-has both in registers. On CPU (float32, up to MATERIALIZE_MAX probabilities of the kept pairs, eager calls)
-the kept pairs' probabilities are materialized instead: bmm, one native softmax pass that also yields each
-row's largest probability, bmm; the backward reuses them (see _materialized_forward), so scoring while
+has both in registers, the fused CPU kernel each row's largest probability. Otherwise on CPU (float32, up to
+MATERIALIZE_MAX probabilities of the kept pairs, eager calls) the kept pairs' probabilities are materialized:
+bmm, one native softmax pass that also yields each row's largest probability, bmm; the backward reuses them (see _materialized_forward), so scoring while
 training costs nothing extra. Otherwise the row max comes from the native kernel
 ``fedsparse._C.attention_row_stats`` (one pass over q k^T of the kept pairs, no S x S buffer) or, without it,
 from a chunked torch bmm.
@@ -63,7 +66,8 @@ def pruned_attention(q: Tensor, k: Tensor, v: Tensor, head_mask: Tensor, *, attn
     keep = _common.check_head_mask(head_mask, b, h)
     scale = _common.default_scale(q.shape[-1], scale)
     if _eager_cpu_ok(q, k, v):
-        out, conf = _EagerCpu.apply(q, k, v, keep, attn_mask, bool(is_causal), scale, bool(return_confidence))
+        fn = _FusedCpu if _fused_ok(q, k, v, keep) else _EagerCpu
+        out, conf = fn.apply(q, k, v, keep, attn_mask, bool(is_causal), scale, bool(return_confidence))
         return (out, conf) if return_confidence else out
     out, _, conf = torch.ops.fedsparse.pruned_attention(
         q, k, v, keep, attn_mask, bool(is_causal), scale, bool(return_confidence))
@@ -409,6 +413,53 @@ class _EagerCpu(torch.autograd.Function):
         q, k, v, o, lse, bias, qv, probs = ctx.saved_tensors
         full = dataclasses.replace(p, q=q, k=k, v=v, o=o, lse=lse, bias=bias, qv=qv, probs=probs)
         dq, dk, dv = _cpu_backward_plan(full, grad_out, ctx.is_causal, ctx.scale)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _fused_ok(q: Tensor, k: Tensor, v: Tensor, keep: Tensor) -> bool:
+    """The fused native kernel takes float32 calls with a head of keys per query head, some but not all pairs
+    kept and at most MATERIALIZE_MAX probabilities of kept pairs, where it runs on AVX-512."""
+    from . import _native
+    b, h, sq, _ = q.shape
+    n = int(keep.sum())
+    return (q.dtype == torch.float32 and k.shape[1] == h and 0 < n < b * h and sq > 0 and k.shape[2] > 0
+            and n * sq * k.shape[2] <= MATERIALIZE_MAX and _native.has_fused())
+
+
+class _FusedCpu(torch.autograd.Function):
+    """The CPU path for float32 with some heads pruned (see _fused_ok): one native pass per direction over the
+    kept (batch, head) pairs, read in place from q, k, v (no gather), writing the full-size output or gradients
+    (pruned pairs zeroed in the same pass). The kept pairs' probabilities P float32 [N, Sq, Sk] are kept for the
+    backward, which is then four GEMMs per pair (flash attention's needs five: it recomputes q k^T); the forward
+    yields each row's largest probability, so confidence costs nothing. Keeps q, k, v, out and P alive for the
+    backward. Measured on 2 Xeon cores (AVX-512), B=8, H=20, S=256, D=32, 2 of 20 heads kept: see
+    benchmarks/bench_attention.py."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, keep, attn_mask, is_causal, scale, with_conf):
+        from . import _native
+        b, h, sq, _ = q.shape
+        sk = k.shape[2]
+        pairs = keep.reshape(-1).nonzero().reshape(-1)
+        bi, hi = pairs // h, pairs % h
+        masks = split_mask(attn_mask, b, h, sq, sk)
+        probs = _pool.empty((pairs.numel(), sq, sk), torch.float32)
+        out = _pool.empty((b, h, sq, v.shape[3]), torch.float32)
+        maxp = torch.empty(pairs.numel(), sq, dtype=torch.float32) if with_conf else None
+        _native.fused_forward(q, k, v, pairs, _pair_bias(masks, bi, hi, b, h, sk, torch.float32), is_causal, scale,
+                              masks.qv[bi] if masks.qv is not None else None, probs, out, maxp)
+        conf = _conf_from_pairs(maxp, bi, hi, b, h, "cpu") if with_conf else torch.zeros(b, h, dtype=torch.float32)
+        ctx.mark_non_differentiable(conf)
+        ctx.save_for_backward(q, k, v, out, probs, pairs)
+        ctx.scale = scale
+        return out, conf
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_conf):
+        from . import _native
+        q, k, v, out, probs, pairs = ctx.saved_tensors
+        dq, dk, dv = (_pool.empty(t.shape, torch.float32) for t in (q, k, v))
+        _native.fused_backward(grad_out.float(), q, k, v, out, pairs, probs, ctx.scale, dq, dk, dv)
         return dq, dk, dv, None, None, None, None, None
 
 
