@@ -22,10 +22,10 @@ Work is laid out over the kept (batch, head) pairs only, forward and backward:
 Confidence (return_confidence=True) needs each row's max logit next to the log-sum-exp: the Triton kernel
 has both in registers, the fused CPU kernel each row's largest probability. Otherwise on CPU (float32, up to
 MATERIALIZE_MAX probabilities of the kept pairs, eager calls) the kept pairs' probabilities are materialized:
-bmm, one native softmax pass that also yields each row's largest probability, bmm; the backward reuses them (see _materialized_forward), so scoring while
-training costs nothing extra. Otherwise the row max comes from the native kernel
-``fedsparse._C.attention_row_stats`` (one pass over q k^T of the kept pairs, no S x S buffer) or, without it,
-from a chunked torch bmm.
+bmm, one native softmax pass that also yields each row's largest probability, bmm; the backward reuses them
+(see _materialized_forward), so scoring while training costs nothing extra. Otherwise the row max comes from
+the native kernel ``fedsparse._C.attention_row_stats`` (one pass over q k^T of the kept pairs, no S x S
+buffer) or, without it, from a chunked torch bmm.
 """
 from __future__ import annotations
 
