@@ -189,9 +189,12 @@ def test_pruned_attention_takes_the_fused_kernel(strided, monkeypatch):
 def test_fused_is_not_taken_where_it_does_not_apply():
     q, k, v = (torch.randn(2, 4, 8, 16) for _ in range(3))
     some = torch.tensor([True, False, True, False]).expand(2, 4)
-    assert not pa_module._fused_ok(q.double(), k.double(), v.double(), some)  # float32 only
-    assert not pa_module._fused_ok(q, k[:, :2], v[:, :2], some)  # grouped-query heads
-    assert not pa_module._fused_ok(q, k, v, torch.ones(2, 4, dtype=torch.bool))  # nothing pruned: flash
-    assert not pa_module._fused_ok(q, k, v, torch.zeros(2, 4, dtype=torch.bool))  # nothing kept
+    pairs = pa_module._fused_pairs
+    assert pairs(q.double(), k.double(), some) is None  # float32 only
+    assert pairs(q, k[:, :2], some) is None  # grouped-query heads
+    assert pairs(q, k, torch.ones(2, 4, dtype=torch.bool)) is None  # nothing pruned: flash
+    assert pairs(q, k, torch.zeros(2, 4, dtype=torch.bool)) is None  # nothing kept
     big = torch.randn(1, 2, 2049, 16)
-    assert not pa_module._fused_ok(big, big, big, torch.tensor([[True, False]]))  # P over MATERIALIZE_MAX
+    assert pairs(big, big, torch.tensor([[True, False]])) is None  # P over MATERIALIZE_MAX
+    if _native.has_fused():
+        assert pairs(q, k, some).tolist() == [0, 2, 4, 6]

@@ -34,7 +34,7 @@ _total = 0
 def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized contiguous CPU tensor, from the cache when it is large enough."""
     global _total
-    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if not ENABLED or nbytes < MIN_BYTES:
         return torch.empty(shape, dtype=dtype)
     with _lock:

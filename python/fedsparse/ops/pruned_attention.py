@@ -66,8 +66,11 @@ def pruned_attention(q: Tensor, k: Tensor, v: Tensor, head_mask: Tensor, *, attn
     keep = _common.check_head_mask(head_mask, b, h)
     scale = _common.default_scale(q.shape[-1], scale)
     if _eager_cpu_ok(q, k, v):
-        fn = _FusedCpu if _fused_ok(q, k, v, keep) else _EagerCpu
-        out, conf = fn.apply(q, k, v, keep, attn_mask, bool(is_causal), scale, bool(return_confidence))
+        pairs = _fused_pairs(q, k, keep)
+        if pairs is not None:
+            out, conf = _FusedCpu.apply(q, k, v, pairs, attn_mask, bool(is_causal), scale, bool(return_confidence))
+        else:
+            out, conf = _EagerCpu.apply(q, k, v, keep, attn_mask, bool(is_causal), scale, bool(return_confidence))
         return (out, conf) if return_confidence else out
     out, _, conf = torch.ops.fedsparse.pruned_attention(
         q, k, v, keep, attn_mask, bool(is_causal), scale, bool(return_confidence))
@@ -416,40 +419,45 @@ class _EagerCpu(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
-def _fused_ok(q: Tensor, k: Tensor, v: Tensor, keep: Tensor) -> bool:
-    """The fused native kernel takes float32 calls with a head of keys per query head, some but not all pairs
-    kept and at most MATERIALIZE_MAX probabilities of kept pairs, where it runs on AVX-512."""
+def _fused_pairs(q: Tensor, k: Tensor, keep: Tensor) -> Tensor | None:
+    """The kept pairs (flat b * H + h, int64 [N]) where the fused native kernel takes the call: float32, a head
+    of keys per query head, some but not all pairs kept, at most MATERIALIZE_MAX probabilities of kept pairs,
+    AVX-512 at run time. None otherwise."""
     from . import _native
     b, h, sq, _ = q.shape
-    n = int(keep.sum())
-    return (q.dtype == torch.float32 and k.shape[1] == h and 0 < n < b * h and sq > 0 and k.shape[2] > 0
-            and n * sq * k.shape[2] <= MATERIALIZE_MAX and _native.has_fused())
+    sk = k.shape[2]
+    if not (q.dtype == torch.float32 and k.shape[1] == h and sq and sk and _native.has_fused()):
+        return None
+    pairs = keep.reshape(-1).nonzero().view(-1)
+    return pairs if 0 < pairs.numel() < b * h and pairs.numel() * sq * sk <= MATERIALIZE_MAX else None
 
 
 class _FusedCpu(torch.autograd.Function):
-    """The CPU path for float32 with some heads pruned (see _fused_ok): one native pass per direction over the
-    kept (batch, head) pairs, read in place from q, k, v (no gather), writing the full-size output or gradients
-    (pruned pairs zeroed in the same pass). The kept pairs' probabilities P float32 [N, Sq, Sk] are kept for the
-    backward, which is then four GEMMs per pair (flash attention's needs five: it recomputes q k^T); the forward
-    yields each row's largest probability, so confidence costs nothing. Keeps q, k, v, out and P alive for the
-    backward. Measured on 2 Xeon cores (AVX-512), B=8, H=20, S=256, D=32, 2 of 20 heads kept: see
-    benchmarks/bench_attention.py."""
+    """The CPU path for float32 with some heads pruned (see _fused_pairs): one native pass per direction over
+    the kept (batch, head) pairs, read in place from q, k, v (no gather), writing the full-size output or
+    gradients (pruned pairs zeroed in the same pass). The kept pairs' probabilities P float32 [N, Sq, Sk] are
+    kept for the backward, which is then four GEMMs per pair (flash attention's needs five: it recomputes
+    q k^T); the forward yields each row's largest probability, so confidence costs nothing. Keeps q, k, v, out
+    and P alive for the backward. Returns (out, conf or None). See benchmarks/bench_attention.py."""
 
     @staticmethod
-    def forward(ctx, q, k, v, keep, attn_mask, is_causal, scale, with_conf):
+    def forward(ctx, q, k, v, pairs, attn_mask, is_causal, scale, with_conf):
         from . import _native
         b, h, sq, _ = q.shape
-        sk = k.shape[2]
-        pairs = keep.reshape(-1).nonzero().reshape(-1)
-        bi, hi = pairs // h, pairs % h
-        masks = split_mask(attn_mask, b, h, sq, sk)
-        probs = _pool.empty((pairs.numel(), sq, sk), torch.float32)
+        sk, n = k.shape[2], pairs.numel()
+        bias = qv = None
+        if attn_mask is not None or with_conf:
+            bi, hi = pairs // h, pairs % h
+            masks = split_mask(attn_mask, b, h, sq, sk)
+            bias = _pair_bias(masks, bi, hi, b, h, sk, torch.float32)
+            qv = masks.qv[bi] if masks.qv is not None else None
+        probs = _pool.empty((n, sq, sk), torch.float32)
         out = _pool.empty((b, h, sq, v.shape[3]), torch.float32)
-        maxp = torch.empty(pairs.numel(), sq, dtype=torch.float32) if with_conf else None
-        _native.fused_forward(q, k, v, pairs, _pair_bias(masks, bi, hi, b, h, sk, torch.float32), is_causal, scale,
-                              masks.qv[bi] if masks.qv is not None else None, probs, out, maxp)
-        conf = _conf_from_pairs(maxp, bi, hi, b, h, "cpu") if with_conf else torch.zeros(b, h, dtype=torch.float32)
-        ctx.mark_non_differentiable(conf)
+        maxp = torch.empty(n, sq, dtype=torch.float32) if with_conf else None
+        _native.fused_forward(q, k, v, pairs, bias, is_causal, scale, qv, probs, out, maxp)
+        conf = None
+        if with_conf:
+            ctx.mark_non_differentiable(conf := _conf_from_pairs(maxp, bi, hi, b, h, "cpu"))
         ctx.save_for_backward(q, k, v, out, probs, pairs)
         ctx.scale = scale
         return out, conf
