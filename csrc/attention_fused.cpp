@@ -50,10 +50,11 @@ void transpose_plain(const float* src, int64_t rs, int64_t rows, int64_t cols, f
 #ifdef FS_X86
 // rows (<= MR) rows x the columns of mask of C = A B over k in [0, K). FULL blocks (rows == MR, every mask
 // full) load and store without masks; otherwise rows past `rows` repeat the last one (computed, never stored).
-template <int MR, int NV, bool FULL>
+// DS: C is dP, and what is stored is dS = scale * P * (dP - delta) (P laid out like C, delta per row).
+template <int MR, int NV, bool FULL, bool DS>
 __attribute__((target("avx512f"))) void micro_avx512(int64_t K, const float* a, int64_t sam, int64_t sak, int rows,
                                                      const float* b, int64_t ldb, const __mmask16* mask, float* c,
-                                                     int64_t ldc) {
+                                                     int64_t ldc, const float* p, const float* delta, float scale) {
   const float* ar[MR];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) ar[r] = a + (FULL ? r : std::min(r, rows - 1)) * sam;
@@ -82,18 +83,26 @@ __attribute__((target("avx512f"))) void micro_avx512(int64_t K, const float* a, 
     if (!FULL && r >= rows) break;
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
+      __m512 x = acc[r][v];
+      if (DS) {
+        const float* pr = p + r * ldc + 16 * v;
+        const __m512 ps = _mm512_mul_ps(FULL ? _mm512_loadu_ps(pr) : _mm512_maskz_loadu_ps(mk[v], pr),
+                                        _mm512_set1_ps(scale));
+        x = _mm512_mul_ps(ps, _mm512_sub_ps(x, _mm512_set1_ps(delta[r])));
+      }
       if (FULL)
-        _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
+        _mm512_storeu_ps(c + r * ldc + 16 * v, x);
       else
-        _mm512_mask_storeu_ps(c + r * ldc + 16 * v, mk[v], acc[r][v]);
+        _mm512_mask_storeu_ps(c + r * ldc + 16 * v, mk[v], x);
     }
   }
 }
 
-template <int MR, int NV>
+template <int MR, int NV, bool DS = false>
 __attribute__((target("avx512f"))) void gemm_avx512(int64_t M, int64_t N, int64_t K, const float* a, int64_t sam,
-                                                    int64_t sak, const float* b, int64_t ldb, float* c,
-                                                    int64_t ldc) {
+                                                    int64_t sak, const float* b, int64_t ldb, float* c, int64_t ldc,
+                                                    const float* p = nullptr, const float* delta = nullptr,
+                                                    float scale = 0.0f) {
   for (int64_t n0 = 0; n0 < N; n0 += 16 * NV) {
     __mmask16 mask[NV];
     bool full_cols = true;
@@ -104,10 +113,13 @@ __attribute__((target("avx512f"))) void gemm_avx512(int64_t M, int64_t N, int64_
     }
     for (int64_t m0 = 0; m0 < M; m0 += MR) {
       const int rows = int(std::min<int64_t>(MR, M - m0));
+      const int64_t at = m0 * ldc + n0;
+      const float *pb = DS ? p + at : nullptr, *db = DS ? delta + m0 : nullptr;
       if (full_cols && rows == MR)
-        micro_avx512<MR, NV, true>(K, a + m0 * sam, sam, sak, rows, b + n0, ldb, mask, c + m0 * ldc + n0, ldc);
+        micro_avx512<MR, NV, true, DS>(K, a + m0 * sam, sam, sak, rows, b + n0, ldb, mask, c + at, ldc, pb, db, scale);
       else
-        micro_avx512<MR, NV, false>(K, a + m0 * sam, sam, sak, rows, b + n0, ldb, mask, c + m0 * ldc + n0, ldc);
+        micro_avx512<MR, NV, false, DS>(K, a + m0 * sam, sam, sak, rows, b + n0, ldb, mask, c + at, ldc, pb, db,
+                                        scale);
     }
   }
 }
@@ -141,6 +153,18 @@ void gemm(int simd, int64_t M, int64_t N, int64_t K, const float* a, int64_t sam
   }
 #endif
   gemm_plain(M, N, K, a, sam, sak, b, ldb, c, ldc);
+}
+
+// dS [M, N] = scale * P * (A B - delta) (row-wise delta; P, dS row-major with stride ldc): the dP GEMM of the
+// backward with the dS pass in its stores.
+void gemm_dscores(int simd, int64_t M, int64_t N, int64_t K, const float* a, int64_t sam, int64_t sak,
+                  const float* b, int64_t ldb, float* ds, int64_t ldc, const float* p, const float* delta,
+                  float scale) {
+#ifdef FS_X86
+  if (simd == 2) return gemm_avx512<6, 4, true>(M, N, K, a, sam, sak, b, ldb, ds, ldc, p, delta, scale);
+#endif
+  gemm_plain(M, N, K, a, sam, sak, b, ldb, ds, ldc);
+  for (int64_t i = 0; i < M; ++i) attn_rows::dscores_row(simd, ds + i * ldc, p + i * ldc, delta[i], scale, N);
 }
 
 void transpose(int simd, const float* src, int64_t rs, int64_t rows, int64_t cols, float* dst) {
@@ -301,8 +325,7 @@ void attention_fused_backward(const py::buffer& go_b, const py::buffer& q_b, con
     }
     gemm(simd, Sk, Dv, Sq, pn, 1, Sk, g, go.s[2], dv.p + bh * Sk * Dv, Dv);  // dv = P^T dO
     transpose(simd, v.pair(bh), v.s[2], Sk, Dv, vt);
-    gemm(simd, Sq, Sk, Dv, g, go.s[2], 1, vt, Sk, ds, Sk);  // dP = dO v^T
-    for (int64_t i = 0; i < Sq; ++i) attn_rows::dscores_row(simd, ds + i * Sk, pn + i * Sk, delta[i], scale, Sk);
+    gemm_dscores(simd, Sq, Sk, Dv, g, go.s[2], 1, vt, Sk, ds, Sk, pn, delta, scale);  // dS from dP = dO v^T
     gemm(simd, Sq, D, Sk, ds, Sk, 1, k.pair(bh), k.s[2], dq.p + bh * Sq * D, D);  // dq = dS k
     gemm(simd, Sk, D, Sq, ds, 1, Sk, q.pair(bh), q.s[2], dk.p + bh * Sk * D, D);  // dk = dS^T q
   };
