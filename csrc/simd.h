@@ -48,11 +48,11 @@ __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
   return _mm_cvtss_f32(x);
 }
 
-// exp_avx2 on 16 lanes.
+// exp_avx2 on 16 lanes, and NaN gives NaN; 2^n by vscalefps.
 __attribute__((target("avx512f"))) inline __m512 exp_avx512(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-87.3f);
   const __mmask16 small = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  x = _mm512_max_ps(x, lo);
+  x = _mm512_max_ps(lo, x);  // the second operand when either is NaN
   __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -64,8 +64,7 @@ __attribute__((target("avx512f"))) inline __m512 exp_avx512(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_maskz_mul_ps(_knot_mask16(small), p, _mm512_castsi512_ps(e));
+  return _mm512_maskz_scalef_ps(_knot_mask16(small), p, n);
 }
 
 // AVX2, FMA and F16C present at run time (every AVX2 CPU has the other two; checked all the same).

@@ -64,12 +64,14 @@ def test_softmax_nan_and_inf_rows(max_level):
     s[0, 1, 17] = float("nan")  # in the scalar tail of a vector row
     s[0, 2, 3] = float("nan")
     s[1, 3, 5] = float("inf")
+    s[1, 0] = float("-inf")  # a NaN among -inf only: the row's maximum is -inf, yet the row is NaN
+    s[1, 0, 4] = float("nan")
     p, top = s.clone(), torch.empty(2, 4)
     _native.softmax_(p, 1.0, None, False, None, top, max_level=max_level)
-    for n, i in ((0, 1), (0, 2), (1, 3)):
+    for n, i in ((0, 1), (0, 2), (1, 3), (1, 0)):
         assert p[n, i].isnan().all() and top[n, i].isnan()
     others = torch.ones(2, 4, dtype=torch.bool)
-    others[0, 1] = others[0, 2] = others[1, 3] = False
+    others[0, 1] = others[0, 2] = others[1, 3] = others[1, 0] = False
     assert torch.isfinite(p[others]).all() and torch.isfinite(top[others]).all()
     torch.testing.assert_close(p[others], torch.softmax(s[others], -1))
 
