@@ -8,7 +8,7 @@ Shape (the issue's): B=8, H=20, S=256, D=32, float32. Every provider runs forwar
     fedsparse [H]         fedsparse.ops.pruned_attention, head_mask bool [H], 2 of 20 kept
     fedsparse [B,H]       the same with a bool [B, H] mask, 2 kept heads per sample, different per sample
     fedsparse +conf       [H] mask, return_confidence=True (scores the kept heads in the same pass)
-    kept-only sdpa        SDPA on pre-gathered [B, 2, S, D] tensors: the compute floor of 2-of-20
+    kept-only sdpa        SDPA on pre-gathered [B, 2, S, D] tensors: torch's compute for 2 of 20 heads alone
     fedsparse none pruned pruned_attention with all 20 heads kept, against sdpa all heads
 
 Scoring (no gradient): head_confidence (fused: row max and sum of exp, never S x S) vs the eager way

@@ -108,8 +108,9 @@ def section_attention(d: dict) -> list[str]:
            "", *_table(["provider", "heads computed", "median ms", "best ms", "speedup vs SDPA (all heads)",
                         "GFLOP/s"], rows)]
     if floor:
-        out += ["", "The machine's limit for 2 of 20 heads is `kept-only sdpa` (torch's kernel on pre-gathered "
-                "heads, no gather or scatter)."]
+        out += ["", "`kept-only sdpa` is torch's flash kernel on pre-gathered heads: the compute of 2 of 20 heads "
+                "alone, without the full-size output and gradients (4 x B·H·S·D floats) that pruned_attention "
+                "writes."]
     conf = [[r["provider"], f"{r['ms']:.2f}", f"{r['best_ms']:.2f}", _x(r["speedup_vs_eager"]),
              f"{r['peak_bytes']:,}"] for r in d.get("confidence", [])]
     if conf:
