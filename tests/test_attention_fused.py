@@ -26,12 +26,13 @@ def run_fused(q, k, v, go, keep, *, bias=None, causal=False, qvalid=None, scale=
     sk, dv = k.shape[2], v.shape[3]
     pairs = keep.reshape(-1).nonzero().reshape(-1)
     n = pairs.numel()
+    pairs_np = pairs.numpy()
     probs = torch.full((n, sq, sk), float("nan"))
     out = torch.full((b, h, sq, dv), float("nan"))
     maxp = torch.full((n, sq), float("nan"))
-    _native.fused_forward(q, k, v, pairs, bias, causal, scale, qvalid, probs, out, maxp, level)
+    _native.fused_forward(q, k, v, pairs_np, bias, causal, scale, qvalid, probs, out, maxp, level)
     grads = [torch.full(t.shape, float("nan")) for t in (q, k, v)]
-    _native.fused_backward(go, q, k, v, out, pairs, probs, scale, *grads, level)
+    _native.fused_backward(go, q, k, v, out, pairs_np, probs, scale, *grads, level)
     return out, maxp, grads, pairs
 
 
@@ -198,3 +199,4 @@ def test_fused_is_not_taken_where_it_does_not_apply():
     assert pairs(big, big, torch.tensor([[True, False]])) is None  # P over MATERIALIZE_MAX
     if _native.has_fused():
         assert pairs(q, k, some).tolist() == [0, 2, 4, 6]
+        assert pairs(q, k, torch.tensor([True, False, False, True]).expand(2, 4)).tolist() == [0, 3, 4, 7]

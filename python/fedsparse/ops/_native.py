@@ -1,6 +1,7 @@
 """Thin wrappers over the native CPU attention kernels in fedsparse._C (raw buffers, no libtorch)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -102,27 +103,27 @@ def _rows(t: Tensor):
     return t.numpy()
 
 
-def fused_forward(q: Tensor, k: Tensor, v: Tensor, pairs: Tensor, bias: Tensor | None, is_causal: bool,
+def fused_forward(q: Tensor, k: Tensor, v: Tensor, pairs: np.ndarray, bias: Tensor | None, is_causal: bool,
                   scale: float, qvalid: Tensor | None, probs: Tensor, out: Tensor, maxp: Tensor | None,
                   max_level: int = 2) -> None:
     """Attention of the kept pairs, P kept: q [B, H, Sq, D], k [B, H, Sk, D], v [B, H, Sk, Dv] float32 (any
-    strides); pairs int64 [N] (b * H + h, distinct); bias None or [N, 1, Sq or 1, Sk]; qvalid None or bool
+    strides); pairs numpy int64 [N] (b * H + h, distinct); bias None or [N, 1, Sq or 1, Sk]; qvalid None or bool
     [N, Sq]. Writes probs float32 contiguous [N, Sq, Sk], out float32 contiguous [B, H, Sq, Dv] (pruned pairs
     0) and maxp None or float32 [N, Sq] (each row's largest probability)."""
-    n, sk = pairs.numel(), k.shape[2]
+    n, sk = len(pairs), k.shape[2]
     bias_np, bias_rows = None, 0
     if bias is not None:
         bf = _f32(bias.reshape(n, -1, sk))
         bias_np, bias_rows = bf.numpy(), bf.shape[1]
     native.attention_fused_forward(
-        _rows(q), _rows(k), _rows(v), pairs.numpy(), bias_np, bias_rows, bool(is_causal), float(scale),
+        _rows(q), _rows(k), _rows(v), pairs, bias_np, bias_rows, bool(is_causal), float(scale),
         qvalid.contiguous().numpy() if qvalid is not None else None, probs.numpy(), out.numpy(),
         maxp.numpy() if maxp is not None else None, max_level)
 
 
-def fused_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, pairs: Tensor, probs: Tensor,
+def fused_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, pairs: np.ndarray, probs: Tensor,
                    scale: float, dq: Tensor, dk: Tensor, dv: Tensor, max_level: int = 2) -> None:
     """Gradients of fused_forward: writes dq, dk, dv (float32 contiguous, shaped like q, k, v; pruned pairs 0)
     from grad_out [B, H, Sq, Dv] (any strides) and the forward's out and probs."""
-    native.attention_fused_backward(_rows(grad_out), _rows(q), _rows(k), _rows(v), out.numpy(), pairs.numpy(),
+    native.attention_fused_backward(_rows(grad_out), _rows(q), _rows(k), _rows(v), out.numpy(), pairs,
                                     probs.numpy(), float(scale), dq.numpy(), dk.numpy(), dv.numpy(), max_level)

@@ -33,6 +33,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils import _python_dispatch
@@ -419,17 +420,18 @@ class _EagerCpu(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
-def _fused_pairs(q: Tensor, k: Tensor, keep: Tensor) -> Tensor | None:
-    """The kept pairs (flat b * H + h, int64 [N]) where the fused native kernel takes the call: float32, a head
-    of keys per query head, some but not all pairs kept, at most MATERIALIZE_MAX probabilities of kept pairs,
-    AVX-512 at run time. None otherwise."""
+def _fused_pairs(q: Tensor, k: Tensor, keep: Tensor) -> np.ndarray | None:
+    """The kept pairs (flat b * H + h, numpy int64 [N]) where the fused native kernel takes the call: float32, a
+    head of keys per query head, some but not all pairs kept, at most MATERIALIZE_MAX probabilities of kept
+    pairs, AVX-512 at run time. None otherwise. (numpy: a few microseconds where torch ops take tens, right
+    after a kernel has filled the caches.)"""
     from . import _native
     b, h, sq, _ = q.shape
     sk = k.shape[2]
     if not (q.dtype == torch.float32 and k.shape[1] == h and sq and sk and _native.has_fused()):
         return None
-    pairs = keep.reshape(-1).nonzero().view(-1)
-    return pairs if 0 < pairs.numel() < b * h and pairs.numel() * sq * sk <= MATERIALIZE_MAX else None
+    pairs = np.flatnonzero(keep.cpu().numpy())
+    return pairs if 0 < len(pairs) < b * h and len(pairs) * sq * sk <= MATERIALIZE_MAX else None
 
 
 class _FusedCpu(torch.autograd.Function):
@@ -444,10 +446,11 @@ class _FusedCpu(torch.autograd.Function):
     def forward(ctx, q, k, v, pairs, attn_mask, is_causal, scale, with_conf):
         from . import _native
         b, h, sq, _ = q.shape
-        sk, n = k.shape[2], pairs.numel()
+        sk, n = k.shape[2], len(pairs)
         bias = qv = None
         if attn_mask is not None or with_conf:
-            bi, hi = pairs // h, pairs % h
+            flat = torch.from_numpy(pairs)
+            bi, hi = flat // h, flat % h
             masks = split_mask(attn_mask, b, h, sq, sk)
             bias = _pair_bias(masks, bi, hi, b, h, sk, torch.float32)
             qv = masks.qv[bi] if masks.qv is not None else None
@@ -458,16 +461,16 @@ class _FusedCpu(torch.autograd.Function):
         conf = None
         if with_conf:
             ctx.mark_non_differentiable(conf := _conf_from_pairs(maxp, bi, hi, b, h, "cpu"))
-        ctx.save_for_backward(q, k, v, out, probs, pairs)
-        ctx.scale = scale
+        ctx.save_for_backward(q, k, v, out, probs)
+        ctx.pairs, ctx.scale = pairs, scale
         return out, conf
 
     @staticmethod
     def backward(ctx, grad_out, _grad_conf):
         from . import _native
-        q, k, v, out, probs, pairs = ctx.saved_tensors
+        q, k, v, out, probs = ctx.saved_tensors
         dq, dk, dv = (_pool.empty(t.shape, torch.float32) for t in (q, k, v))
-        _native.fused_backward(grad_out.float(), q, k, v, out, pairs, probs, ctx.scale, dq, dk, dv)
+        _native.fused_backward(grad_out.float(), q, k, v, out, ctx.pairs, probs, ctx.scale, dq, dk, dv)
         return dq, dk, dv, None, None, None, None, None
 
 
