@@ -1,13 +1,14 @@
 // Fused CPU attention over the kept (batch, head) pairs of pruned attention, forward and backward, with each
-// pair's probabilities P [Sq, Sk] kept from the forward to the backward (probs [N, Sq, Sk]). One job per kept
-// pair, with P in cache:
+// pair's probabilities P [Sq, Sk] kept from the forward to the backward (probs [N, Sq, Sk]):
 //   forward:  P = softmax(scale * q k^T + bias) (causal; padded queries give P rows of 0; each row's largest
 //             probability for confidence), o = P v;
 //   backward: dv = P^T dO, dP = dO v^T, dS = scale * P * (dP - delta) with delta_i = <dO_i, o_i>,
 //             dq = dS k, dk = dS^T q.
 // That is six GEMMs per pair where flash attention needs seven (it recomputes q k^T), with no gather: q, k, v
 // and dO are read in place (any strides, last dimension contiguous). The outputs and gradients are the full
-// [B, H, ...] tensors, written in the same parallel pass: kept pairs computed, pruned pairs zeroed.
+// [B, H, ...] tensors, written in the same parallel pass: kept pairs computed, pruned pairs zeroed. A job is a
+// kept pair in the forward, a key/value head in the backward (grouped-query heads that share it add into its
+// dk, dv in turn), each with its P in cache.
 //
 // GEMMs: register-blocked AVX-512 micro-kernels, MR rows x NV vectors of 16 floats of C per call, with B's rows
 // streamed along k and A's elements broadcast; row and column tails by clamping and masks. Elsewhere a plain
@@ -27,12 +28,13 @@ namespace py = pybind11;
 namespace fedsparse {
 namespace {
 
-// C [M, N] = A B with A(m, k) = a[m * sam + k * sak] and B, C row-major (row strides ldb, ldc).
+// C [M, N] = A B (add: C += A B) with A(m, k) = a[m * sam + k * sak] and B, C row-major (row strides ldb,
+// ldc).
 void gemm_plain(int64_t M, int64_t N, int64_t K, const float* a, int64_t sam, int64_t sak, const float* b,
-                int64_t ldb, float* c, int64_t ldc) {
+                int64_t ldb, float* c, int64_t ldc, bool add) {
   for (int64_t m = 0; m < M; ++m) {
     float* cr = c + m * ldc;
-    std::fill(cr, cr + N, 0.0f);
+    if (!add) std::fill(cr, cr + N, 0.0f);
     for (int64_t k = 0; k < K; ++k) {
       const float x = a[m * sam + k * sak];
       const float* br = b + k * ldb;
@@ -48,10 +50,13 @@ void transpose_plain(const float* src, int64_t rs, int64_t rows, int64_t cols, f
 }
 
 #ifdef FS_X86
+// What a micro-kernel stores: C = A B, C += A B, or (for dP = A B) dS = scale * P * (dP - delta), with P laid
+// out like C and delta per row.
+enum Epi { kStore, kAdd, kDScores };
+
 // rows (<= MR) rows x the columns of mask of C = A B over k in [0, K). FULL blocks (rows == MR, every mask
 // full) load and store without masks; otherwise rows past `rows` repeat the last one (computed, never stored).
-// DS: C is dP, and what is stored is dS = scale * P * (dP - delta) (P laid out like C, delta per row).
-template <int MR, int NV, bool FULL, bool DS>
+template <int MR, int NV, bool FULL, Epi EPI>
 __attribute__((target("avx512f"))) void micro_avx512(int64_t K, const float* a, int64_t sam, int64_t sak, int rows,
                                                      const float* b, int64_t ldb, const __mmask16* mask, float* c,
                                                      int64_t ldc, const float* p, const float* delta, float scale) {
@@ -65,7 +70,10 @@ __attribute__((target("avx512f"))) void micro_avx512(int64_t K, const float* a, 
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) {
+      const float* cr = c + std::min(r, rows - 1) * ldc + 16 * v;
+      acc[r][v] = EPI != kAdd ? _mm512_setzero_ps() : FULL ? _mm512_loadu_ps(cr) : _mm512_maskz_loadu_ps(mk[v], cr);
+    }
   for (int64_t k = 0; k < K; ++k) {
     __m512 bv[NV];
 #pragma GCC unroll 4
@@ -84,7 +92,7 @@ __attribute__((target("avx512f"))) void micro_avx512(int64_t K, const float* a, 
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       __m512 x = acc[r][v];
-      if (DS) {
+      if (EPI == kDScores) {
         const float* pr = p + r * ldc + 16 * v;
         const __m512 ps = _mm512_mul_ps(FULL ? _mm512_loadu_ps(pr) : _mm512_maskz_loadu_ps(mk[v], pr),
                                         _mm512_set1_ps(scale));
@@ -98,11 +106,10 @@ __attribute__((target("avx512f"))) void micro_avx512(int64_t K, const float* a, 
   }
 }
 
-template <int MR, int NV, bool DS = false>
+template <int MR, int NV, Epi EPI>
 __attribute__((target("avx512f"))) void gemm_avx512(int64_t M, int64_t N, int64_t K, const float* a, int64_t sam,
                                                     int64_t sak, const float* b, int64_t ldb, float* c, int64_t ldc,
-                                                    const float* p = nullptr, const float* delta = nullptr,
-                                                    float scale = 0.0f) {
+                                                    const float* p, const float* delta, float scale) {
   for (int64_t n0 = 0; n0 < N; n0 += 16 * NV) {
     __mmask16 mask[NV];
     bool full_cols = true;
@@ -114,12 +121,13 @@ __attribute__((target("avx512f"))) void gemm_avx512(int64_t M, int64_t N, int64_
     for (int64_t m0 = 0; m0 < M; m0 += MR) {
       const int rows = int(std::min<int64_t>(MR, M - m0));
       const int64_t at = m0 * ldc + n0;
-      const float *pb = DS ? p + at : nullptr, *db = DS ? delta + m0 : nullptr;
+      const float *pb = EPI == kDScores ? p + at : nullptr, *db = EPI == kDScores ? delta + m0 : nullptr;
       if (full_cols && rows == MR)
-        micro_avx512<MR, NV, true, DS>(K, a + m0 * sam, sam, sak, rows, b + n0, ldb, mask, c + at, ldc, pb, db, scale);
-      else
-        micro_avx512<MR, NV, false, DS>(K, a + m0 * sam, sam, sak, rows, b + n0, ldb, mask, c + at, ldc, pb, db,
+        micro_avx512<MR, NV, true, EPI>(K, a + m0 * sam, sam, sak, rows, b + n0, ldb, mask, c + at, ldc, pb, db,
                                         scale);
+      else
+        micro_avx512<MR, NV, false, EPI>(K, a + m0 * sam, sam, sak, rows, b + n0, ldb, mask, c + at, ldc, pb, db,
+                                         scale);
     }
   }
 }
@@ -139,20 +147,22 @@ __attribute__((target("avx512f"))) void transpose_avx512(const float* src, int64
 }
 #endif
 
-// C [M, N] = A B (see gemm_plain). Wide C (N > 32: the Sk columns of q k^T) uses 6 x 64 blocks, narrow C (a
-// head dimension up to 32) 12 x 32: 24 accumulators either way.
+// C [M, N] = A B, or C += A B with add (see gemm_plain). Wide C (N > 32: the Sk columns of q k^T) uses
+// 6 x 64 blocks, narrow C (a head dimension up to 32) 12 x 32: 24 accumulators either way.
 void gemm(int simd, int64_t M, int64_t N, int64_t K, const float* a, int64_t sam, int64_t sak, const float* b,
-          int64_t ldb, float* c, int64_t ldc) {
+          int64_t ldb, float* c, int64_t ldc, bool add = false) {
 #ifdef FS_X86
   if (simd == 2) {
     if (N > 32)
-      gemm_avx512<6, 4>(M, N, K, a, sam, sak, b, ldb, c, ldc);
+      (add ? gemm_avx512<6, 4, kAdd> : gemm_avx512<6, 4, kStore>)(M, N, K, a, sam, sak, b, ldb, c, ldc, nullptr,
+                                                                   nullptr, 0.0f);
     else
-      gemm_avx512<12, 2>(M, N, K, a, sam, sak, b, ldb, c, ldc);
+      (add ? gemm_avx512<12, 2, kAdd> : gemm_avx512<12, 2, kStore>)(M, N, K, a, sam, sak, b, ldb, c, ldc, nullptr,
+                                                                     nullptr, 0.0f);
     return;
   }
 #endif
-  gemm_plain(M, N, K, a, sam, sak, b, ldb, c, ldc);
+  gemm_plain(M, N, K, a, sam, sak, b, ldb, c, ldc, add);
 }
 
 // dS [M, N] = scale * P * (A B - delta) (row-wise delta; P, dS row-major with stride ldc): the dP GEMM of the
@@ -161,9 +171,9 @@ void gemm_dscores(int simd, int64_t M, int64_t N, int64_t K, const float* a, int
                   const float* b, int64_t ldb, float* ds, int64_t ldc, const float* p, const float* delta,
                   float scale) {
 #ifdef FS_X86
-  if (simd == 2) return gemm_avx512<6, 4, true>(M, N, K, a, sam, sak, b, ldb, ds, ldc, p, delta, scale);
+  if (simd == 2) return gemm_avx512<6, 4, kDScores>(M, N, K, a, sam, sak, b, ldb, ds, ldc, p, delta, scale);
 #endif
-  gemm_plain(M, N, K, a, sam, sak, b, ldb, ds, ldc);
+  gemm_plain(M, N, K, a, sam, sak, b, ldb, ds, ldc, false);
   for (int64_t i = 0; i < M; ++i) attn_rows::dscores_row(simd, ds + i * ldc, p + i * ldc, delta[i], scale, N);
 }
 
@@ -214,7 +224,7 @@ T* flat(const py::object& x, int64_t n, const char* what, bool writable) {
   return const_cast<T*>(a.data());
 }
 
-// The kept pairs (flat b * H + h, each in [0, BH), distinct) and the pruned ones.
+// Checks the kept pairs (flat b * H + h, each in [0, BH), distinct); returns the pruned ones.
 std::vector<int64_t> pruned_pairs(const py::array_t<int64_t>& pairs_a, int64_t BH) {
   FS_CHECK(pairs_a.ndim() == 1 && (pairs_a.size() == 0 || pairs_a.strides(0) == 8),
            "pairs must be a contiguous int64 vector");
@@ -231,20 +241,33 @@ std::vector<int64_t> pruned_pairs(const py::array_t<int64_t>& pairs_a, int64_t B
   return pruned;
 }
 
-// Units [0, N) compute kept pair n; units [N, N + pruned) zero a pruned pair. Dynamic: a thread that finishes
-// its pairs early takes the zeroing.
+// The shapes of one call: q [B, H, Sq, D], k [B, Hk, Sk, D], v [B, Hk, Sk, Dv], H a multiple of Hk (query heads
+// h of one group share key/value head h / (H / Hk)).
+struct Dims {
+  int64_t B, H, Hk, Sq, Sk, D, Dv;
+  Dims(const View4& q, const View4& k, const View4& v)
+      : B(q.n[0]), H(q.n[1]), Hk(k.n[1]), Sq(q.n[2]), Sk(k.n[2]), D(q.n[3]), Dv(v.n[3]) {
+    FS_CHECK(k.n[0] == B && k.n[3] == D && Hk > 0 && H % Hk == 0, "k must be [B, Hk, Sk, D] with Hk dividing H");
+    FS_CHECK(v.n[0] == B && v.n[1] == Hk && v.n[2] == Sk, "v must be [B, Hk, Sk, Dv] like k");
+  }
+  // The key/value head (flat b * Hk + hk) of query pair bh.
+  int64_t kv(int64_t bh) const { return (bh / H) * Hk + (bh % H) / (H / Hk); }
+};
+
+// Units [0, n_compute) compute, units [n_compute, n_compute + n_zero) zero (argument: the zero unit's index).
+// Dynamic: a thread that finishes its share of the compute early takes the zeroing.
 template <class Compute, class Zero>
-void run_units(int64_t N, const std::vector<int64_t>& pruned, int64_t work, Compute compute, Zero zero) {
-  const int64_t units = N + int64_t(pruned.size());
+void run_units(int64_t n_compute, int64_t n_zero, int64_t work, Compute compute, Zero zero) {
+  const int64_t units = n_compute + n_zero;
 #pragma omp parallel if (units > 1 && work > (int64_t(1) << 16))
   {
     std::vector<float> scratch;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t u = 0; u < units; ++u) {
-      if (u < N)
+      if (u < n_compute)
         compute(u, scratch);
       else
-        zero(pruned[size_t(u - N)]);
+        zero(u - n_compute);
     }
   }
 }
@@ -255,11 +278,10 @@ void attention_fused_forward(const py::buffer& q_b, const py::buffer& k_b, const
                              const py::buffer& out_b, const py::object& maxp_o, int max_level) {
   const View4 q = view4(q_b, "q", false, false), k = view4(k_b, "k", false, false), v = view4(v_b, "v", false, false);
   const View4 out = view4(out_b, "out", true, true);
-  const int64_t B = q.n[0], H = q.n[1], Sq = q.n[2], D = q.n[3], Sk = k.n[2], Dv = v.n[3];
-  FS_CHECK(k.n[0] == B && k.n[1] == H && k.n[3] == D, "k must be [B, H, Sk, D] like q");
-  FS_CHECK(v.n[0] == B && v.n[1] == H && v.n[2] == Sk, "v must be [B, H, Sk, Dv] like k");
-  FS_CHECK(out.n[0] == B && out.n[1] == H && out.n[2] == Sq && out.n[3] == Dv, "out must be [B, H, Sq, Dv]");
-  const std::vector<int64_t> pruned = pruned_pairs(pairs_a, B * H);
+  const Dims dm(q, k, v);
+  const int64_t Sq = dm.Sq, Sk = dm.Sk, D = dm.D, Dv = dm.Dv;
+  FS_CHECK(out.n[0] == dm.B && out.n[1] == dm.H && out.n[2] == Sq && out.n[3] == Dv, "out must be [B, H, Sq, Dv]");
+  const std::vector<int64_t> pruned = pruned_pairs(pairs_a, dm.B * dm.H);
   const int64_t N = pairs_a.size();
   FS_CHECK(bias.is_none() || bias_rows == 1 || bias_rows == Sq, "bias_rows must be 1 or Sq");
   const float* bi = bias.is_none() ? nullptr : flat<float>(bias, N * bias_rows * Sk, "bias", false);
@@ -270,10 +292,10 @@ void attention_fused_forward(const py::buffer& q_b, const py::buffer& k_b, const
   const int simd = simd_level(max_level);
   py::gil_scoped_release nogil;
   const auto compute = [&](int64_t n, std::vector<float>& kt) {
-    const int64_t bh = pairs[n];
+    const int64_t bh = pairs[n], kvh = dm.kv(bh);
     kt.resize(size_t(D * Sk));
     float* pn = P + n * Sq * Sk;
-    transpose(simd, k.pair(bh), k.s[2], Sk, D, kt.data());
+    transpose(simd, k.pair(kvh), k.s[2], Sk, D, kt.data());
     gemm(simd, Sq, Sk, D, q.pair(bh), q.s[2], 1, kt.data(), Sk, pn, Sk);  // q k^T
     for (int64_t i = 0; i < Sq; ++i) {
       float* row = pn + i * Sk;
@@ -286,10 +308,10 @@ void attention_fused_forward(const py::buffer& q_b, const py::buffer& k_b, const
       }
       if (mp) mp[n * Sq + i] = top;
     }
-    gemm(simd, Sq, Dv, Sk, pn, Sk, 1, v.pair(bh), v.s[2], out.p + bh * Sq * Dv, Dv);  // P v
+    gemm(simd, Sq, Dv, Sk, pn, Sk, 1, v.pair(kvh), v.s[2], out.p + bh * Sq * Dv, Dv);  // P v
   };
-  const auto zero_pair = [&](int64_t bh) { std::memset(out.p + bh * Sq * Dv, 0, size_t(Sq * Dv) * 4); };
-  run_units(N, pruned, N * Sq * Sk * (D + Dv), compute, zero_pair);
+  const auto zero = [&](int64_t z) { std::memset(out.p + pruned[size_t(z)] * Sq * Dv, 0, size_t(Sq * Dv) * 4); };
+  run_units(N, int64_t(pruned.size()), N * Sq * Sk * (D + Dv), compute, zero);
 }
 
 void attention_fused_backward(const py::buffer& go_b, const py::buffer& q_b, const py::buffer& k_b,
@@ -300,41 +322,57 @@ void attention_fused_backward(const py::buffer& go_b, const py::buffer& q_b, con
               k = view4(k_b, "k", false, false), v = view4(v_b, "v", false, false),
               out = view4(out_b, "out", false, true), dq = view4(dq_b, "dq", true, true),
               dk = view4(dk_b, "dk", true, true), dv = view4(dv_b, "dv", true, true);
-  const int64_t B = q.n[0], H = q.n[1], Sq = q.n[2], D = q.n[3], Sk = k.n[2], Dv = v.n[3];
-  FS_CHECK(k.n[0] == B && k.n[1] == H && k.n[3] == D, "k must be [B, H, Sk, D] like q");
-  FS_CHECK(v.n[0] == B && v.n[1] == H && v.n[2] == Sk, "v must be [B, H, Sk, Dv] like k");
+  const Dims dm(q, k, v);
+  const int64_t Sq = dm.Sq, Sk = dm.Sk, D = dm.D, Dv = dm.Dv;
   for (const View4* t : {&go, &out})
-    FS_CHECK(t->n[0] == B && t->n[1] == H && t->n[2] == Sq && t->n[3] == Dv, "grad_out and out must be [B, H, Sq, Dv]");
+    FS_CHECK(t->n[0] == dm.B && t->n[1] == dm.H && t->n[2] == Sq && t->n[3] == Dv,
+             "grad_out and out must be [B, H, Sq, Dv]");
   FS_CHECK(std::equal(dq.n, dq.n + 4, q.n) && std::equal(dk.n, dk.n + 4, k.n) && std::equal(dv.n, dv.n + 4, v.n),
            "dq, dk, dv must have the shapes of q, k, v");
-  const std::vector<int64_t> pruned = pruned_pairs(pairs_a, B * H);
+  const std::vector<int64_t> pruned = pruned_pairs(pairs_a, dm.B * dm.H);
   const int64_t N = pairs_a.size();
   const float* P = flat<float>(probs_o, N * Sq * Sk, "probs", false);
   const int64_t* pairs = pairs_a.data();
+  // One unit per key/value head with kept query heads: they add into its dk, dv one after the other.
+  std::vector<std::vector<int64_t>> of_kv(size_t(dm.B * dm.Hk));
+  for (int64_t n = 0; n < N; ++n) of_kv[size_t(dm.kv(pairs[n]))].push_back(n);
+  std::vector<int64_t> busy_kv, idle_kv;
+  for (int64_t r = 0; r < dm.B * dm.Hk; ++r) (of_kv[size_t(r)].empty() ? idle_kv : busy_kv).push_back(r);
   const int simd = simd_level(max_level);
   py::gil_scoped_release nogil;
-  const auto compute = [&](int64_t n, std::vector<float>& buf) {
-    const int64_t bh = pairs[n];
+  const auto compute = [&](int64_t u, std::vector<float>& buf) {
+    const int64_t kvh = busy_kv[size_t(u)];
     buf.resize(size_t(Sq * Sk + Dv * Sk + Sq));
     float *ds = buf.data(), *vt = ds + Sq * Sk, *delta = vt + Dv * Sk;
-    const float *pn = P + n * Sq * Sk, *g = go.pair(bh), *o = out.p + bh * Sq * Dv;
-    for (int64_t i = 0; i < Sq; ++i) {
-      float s = 0.0f;
-      for (int64_t d = 0; d < Dv; ++d) s += g[i * go.s[2] + d] * o[i * Dv + d];
-      delta[i] = s;
+    float *dkp = dk.p + kvh * Sk * D, *dvp = dv.p + kvh * Sk * Dv;
+    const float* kp = k.pair(kvh);
+    transpose(simd, v.pair(kvh), v.s[2], Sk, Dv, vt);
+    bool add = false;
+    for (const int64_t n : of_kv[size_t(kvh)]) {
+      const int64_t bh = pairs[n];
+      const float *pn = P + n * Sq * Sk, *g = go.pair(bh), *o = out.p + bh * Sq * Dv;
+      for (int64_t i = 0; i < Sq; ++i) {
+        float s = 0.0f;
+        for (int64_t d = 0; d < Dv; ++d) s += g[i * go.s[2] + d] * o[i * Dv + d];
+        delta[i] = s;
+      }
+      gemm(simd, Sk, Dv, Sq, pn, 1, Sk, g, go.s[2], dvp, Dv, add);                       // dv (+)= P^T dO
+      gemm_dscores(simd, Sq, Sk, Dv, g, go.s[2], 1, vt, Sk, ds, Sk, pn, delta, scale);  // dS from dP = dO v^T
+      gemm(simd, Sq, D, Sk, ds, Sk, 1, kp, k.s[2], dq.p + bh * Sq * D, D);             // dq = dS k
+      gemm(simd, Sk, D, Sq, ds, 1, Sk, q.pair(bh), q.s[2], dkp, D, add);                // dk (+)= dS^T q
+      add = true;
     }
-    gemm(simd, Sk, Dv, Sq, pn, 1, Sk, g, go.s[2], dv.p + bh * Sk * Dv, Dv);  // dv = P^T dO
-    transpose(simd, v.pair(bh), v.s[2], Sk, Dv, vt);
-    gemm_dscores(simd, Sq, Sk, Dv, g, go.s[2], 1, vt, Sk, ds, Sk, pn, delta, scale);  // dS from dP = dO v^T
-    gemm(simd, Sq, D, Sk, ds, Sk, 1, k.pair(bh), k.s[2], dq.p + bh * Sq * D, D);  // dq = dS k
-    gemm(simd, Sk, D, Sq, ds, 1, Sk, q.pair(bh), q.s[2], dk.p + bh * Sk * D, D);  // dk = dS^T q
   };
-  const auto zero_pair = [&](int64_t bh) {
-    std::memset(dq.p + bh * Sq * D, 0, size_t(Sq * D) * 4);
-    std::memset(dk.p + bh * Sk * D, 0, size_t(Sk * D) * 4);
-    std::memset(dv.p + bh * Sk * Dv, 0, size_t(Sk * Dv) * 4);
+  const auto zero = [&](int64_t z) {  // pruned query heads' dq, then unused key/value heads' dk and dv
+    if (z < int64_t(pruned.size())) {
+      std::memset(dq.p + pruned[size_t(z)] * Sq * D, 0, size_t(Sq * D) * 4);
+      return;
+    }
+    const int64_t kvh = idle_kv[size_t(z - int64_t(pruned.size()))];
+    std::memset(dk.p + kvh * Sk * D, 0, size_t(Sk * D) * 4);
+    std::memset(dv.p + kvh * Sk * Dv, 0, size_t(Sk * Dv) * 4);
   };
-  run_units(N, pruned, N * Sq * Sk * (D + Dv), compute, zero_pair);
+  run_units(int64_t(busy_kv.size()), int64_t(pruned.size() + idle_kv.size()), N * Sq * Sk * (D + Dv), compute, zero);
 }
 
 }  // namespace
@@ -345,8 +383,8 @@ void init_attention_fused(py::module_& m) {
   m.def("attention_fused_forward", &fedsparse::attention_fused_forward, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("pairs").noconvert(), py::arg("bias"), py::arg("bias_rows"), py::arg("causal"), py::arg("scale"),
         py::arg("qvalid"), py::arg("probs"), py::arg("out"), py::arg("maxp"), py::arg("max_level") = 2,
-        "Attention of the kept pairs (flat b * H + h, int64 [N]) of float32 q [B, H, Sq, D], k [B, H, Sk, D], "
-        "v [B, H, Sk, Dv] (any strides, last dimension contiguous): writes probs [N, Sq, Sk] = softmax(scale * "
+        "Attention of the kept pairs (flat b * H + h, int64 [N]) of float32 q [B, H, Sq, D], k [B, Hk, Sk, D], "
+        "v [B, Hk, Sk, Dv] (Hk dividing H; any strides, last dimension contiguous): writes probs [N, Sq, Sk] = softmax(scale * "
         "q k^T + bias) (bias None or float32 [N, bias_rows (1 or Sq), Sk]; causal; qvalid None or bool [N, Sq], "
         "False: the row is 0), out [B, H, Sq, Dv] (C-contiguous; pruned pairs 0) and maxp None or float32 "
         "[N, Sq] (each row's largest probability).");

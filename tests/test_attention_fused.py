@@ -47,28 +47,33 @@ def close(got, want, what, atol=5e-5):
 
 
 SHAPES = [
-    # b, h, sq, sk, d, dv: tails of the 6-row / 12-row blocks, of the 16-float vectors, narrow and wide C
-    (2, 3, 7, 7, 16, 16),
-    (1, 2, 1, 1, 8, 8),
-    (2, 2, 33, 17, 24, 40),
-    (1, 3, 13, 70, 64, 20),
-    (2, 2, 5, 257, 33, 1),
+    # b, h, hk, sq, sk, d, dv: tails of the 6-row / 12-row blocks, of the 16-float vectors, narrow and wide C;
+    # grouped-query heads (hk < h: kept heads of a group add into one dk, dv)
+    (2, 3, 3, 7, 7, 16, 16),
+    (1, 2, 2, 1, 1, 8, 8),
+    (2, 2, 2, 33, 17, 24, 40),
+    (1, 3, 3, 13, 70, 64, 20),
+    (2, 2, 2, 5, 257, 33, 1),
+    (2, 6, 2, 19, 23, 16, 16),
+    (3, 8, 1, 9, 9, 32, 8),
 ]
 
 
 @pytest.mark.parametrize("level", LEVELS)
-@pytest.mark.parametrize("b,h,sq,sk,d,dv", SHAPES)
-def test_kernel_matches_reference(b, h, sq, sk, d, dv, level):
+@pytest.mark.parametrize("b,h,hk,sq,sk,d,dv", SHAPES)
+def test_kernel_matches_reference(b, h, hk, sq, sk, d, dv, level):
     g = torch.Generator().manual_seed(sq * 31 + sk)
-    q, k, v, go = (torch.randn(b, h, s, e, generator=g) for s, e in ((sq, d), (sk, d), (sk, dv), (sq, dv)))
+    q, go = (torch.randn(b, h, sq, e, generator=g) for e in (d, dv))
+    k, v = (torch.randn(b, hk, sk, e, generator=g) for e in (d, dv))
     keep = torch.rand(b, h, generator=g) > 0.4
-    keep[0, 0] = True
+    keep[0, 0] = keep[0, 1] = True  # with groups, two kept heads sharing a key/value head
     out, maxp, grads, pairs = run_fused(q, k, v, go, keep, level=level)
     r_out, _, r_grads = reference_grads(q, k, v, go, keep, scale=0.3)
     close(out, r_out, "out")
     for name, a, r in zip("qkv", grads, r_grads):
         close(a, r, f"d{name}")
-    logits = torch.einsum("bhid,bhjd->bhij", q, k).reshape(b * h, sq, sk)[pairs] * 0.3
+    kk = k.repeat_interleave(h // hk, dim=1)
+    logits = torch.einsum("bhid,bhjd->bhij", q, kk).reshape(b * h, sq, sk)[pairs] * 0.3
     close(maxp, logits.softmax(-1).amax(-1), "largest probability")
 
 
@@ -153,8 +158,10 @@ def test_kernel_rejects_bad_arguments():
         fwd(q=q.double())
     with pytest.raises(ValueError, match="contiguous last dimension"):
         fwd(k=k.transpose(2, 3).contiguous().transpose(2, 3))
-    with pytest.raises(ValueError, match="like q"):
+    with pytest.raises(ValueError, match="Hk dividing H"):
         fwd(k=k[:, :, :, :4])
+    with pytest.raises(ValueError, match="like k"):
+        fwd(v=v[:, :1])
     with pytest.raises(ValueError, match="probs"):
         fwd(probs=torch.empty(2, 5, 4))
     with pytest.raises(ValueError, match="out"):
@@ -192,7 +199,6 @@ def test_fused_is_not_taken_where_it_does_not_apply():
     some = torch.tensor([True, False, True, False]).expand(2, 4)
     pairs = pa_module._fused_pairs
     assert pairs(q.double(), k.double(), some) is None  # float32 only
-    assert pairs(q, k[:, :2], some) is None  # grouped-query heads
     assert pairs(q, k, torch.ones(2, 4, dtype=torch.bool)) is None  # nothing pruned: flash
     assert pairs(q, k, torch.zeros(2, 4, dtype=torch.bool)) is None  # nothing kept
     big = torch.randn(1, 2, 2049, 16)

@@ -11,7 +11,7 @@ Work is laid out over the kept (batch, head) pairs only, forward and backward:
     (no gather), keeps their probabilities from the forward for the backward (six GEMMs per pair where flash
     attention needs seven) and writes the full-size output and gradients directly, pruned pairs zeroed in the
     same pass. Up to MATERIALIZE_MAX kept probabilities per call.
-  * CPU otherwise (float16, bfloat16; grouped-query heads; no head pruned; larger calls; the registered op):
+  * CPU otherwise (float16, bfloat16; no head pruned; larger calls; the registered op):
     the kept pairs are gathered (one copy of 1/10 of q, k, v at 90% pruning) and handed to ATen's CPU
     flash-attention kernels as a batch of N single-head problems; results are written into the full tensors
     with one contiguous copy per kept pair and one memset per pruned pair. The naive way (index_select, SDPA,
@@ -421,14 +421,14 @@ class _EagerCpu(torch.autograd.Function):
 
 
 def _fused_pairs(q: Tensor, k: Tensor, keep: Tensor) -> np.ndarray | None:
-    """The kept pairs (flat b * H + h, numpy int64 [N]) where the fused native kernel takes the call: float32, a
-    head of keys per query head, some but not all pairs kept, at most MATERIALIZE_MAX probabilities of kept
-    pairs, AVX-512 at run time. None otherwise. (numpy: a few microseconds where torch ops take tens, right
-    after a kernel has filled the caches.)"""
+    """The kept pairs (flat b * H + h, numpy int64 [N]) where the fused native kernel takes the call: float32,
+    some but not all pairs kept, at most MATERIALIZE_MAX probabilities of kept pairs, AVX-512 at run time. None
+    otherwise. (numpy: a few microseconds where torch ops take tens, right after a kernel has filled the
+    caches.)"""
     from . import _native
     b, h, sq, _ = q.shape
     sk = k.shape[2]
-    if not (q.dtype == torch.float32 and k.shape[1] == h and sq and sk and _native.has_fused()):
+    if not (q.dtype == torch.float32 and sq and sk and _native.has_fused()):
         return None
     pairs = np.flatnonzero(keep.cpu().numpy())
     return pairs if 0 < len(pairs) < b * h and len(pairs) * sq * sk <= MATERIALIZE_MAX else None
