@@ -106,9 +106,9 @@ def _rows(t: Tensor):
 def fused_forward(q: Tensor, k: Tensor, v: Tensor, pairs: np.ndarray, bias: Tensor | None, is_causal: bool,
                   scale: float, qvalid: Tensor | None, probs: Tensor, out: Tensor, maxp: Tensor | None,
                   max_level: int = 2) -> None:
-    """Attention of the kept pairs, P kept: q [B, H, Sq, D], k [B, H, Sk, D], v [B, H, Sk, Dv] float32 (any
-    strides); pairs numpy int64 [N] (b * H + h, distinct); bias None or [N, 1, Sq or 1, Sk]; qvalid None or bool
-    [N, Sq]. Writes probs float32 contiguous [N, Sq, Sk], out float32 contiguous [B, H, Sq, Dv] (pruned pairs
+    """Attention of the kept pairs, P kept: q [B, H, Sq, D], k [B, Hk, Sk, D], v [B, Hk, Sk, Dv] float32 (Hk
+    dividing H; any strides); pairs numpy int64 [N] (b * H + h, distinct); bias None or [N, 1, Sq or 1, Sk];
+    qvalid None or bool [N, Sq]. Writes probs float32 contiguous [N, Sq, Sk], out float32 contiguous [B, H, Sq, Dv] (pruned pairs
     0) and maxp None or float32 [N, Sq] (each row's largest probability)."""
     n, sk = len(pairs), k.shape[2]
     bias_np, bias_rows = None, 0
