@@ -518,8 +518,9 @@ void accumulate(const py::sequence& payloads, const py::sequence& plans, const p
     to.present = true;
     try {
       batch[b] = build_plan(payload, views[3 * b + 2], gs[b], to, clip_norm > 0);
-    } catch (const std::invalid_argument& e) {
-      throw std::invalid_argument(at(b) + e.what());
+    } catch (const std::invalid_argument& e) {  // "fedsparse: payload b: plan row i: ...", as FS_CHECK words it
+      const std::string inner = e.what(), prefix = "fedsparse: ";
+      throw std::invalid_argument(prefix + at(b) + (inner.rfind(prefix, 0) == 0 ? inner.substr(prefix.size()) : inner));
     }
   }
 

@@ -432,6 +432,37 @@ def test_nan_in_an_update_names_client_and_tensor(method):
         np.testing.assert_array_equal(base[n], before[n])
 
 
+def test_weight_beyond_float32_names_the_client():
+    rng = np.random.default_rng(1)
+    huge = fedsparse.pack(make_update(rng), bits=32, metadata={"client_id": "huge", "num_examples": 10**39})
+    with pytest.raises(AggregationError, match=r"client 'huge': weight 1e\+39 times its head scores exceeds float32"):
+        aggregate(make_payloads(2, bits=32) + [huge])
+
+
+def test_an_earlier_batch_error_comes_first(monkeypatch):
+    """The plans of a batch are built while the batch before it is folded in: a kernel error of the earlier
+    batch (client #1) is still the one raised, not the later batch's bad head score."""
+    ok = make_payloads(3, bits=32)
+    rng = np.random.default_rng(1)
+    scores = rng.random((L, H)).astype(np.float32)
+    scores[0, 0] = -1.0
+    bad_score = fedsparse.pack(make_update(rng), bits=32, metadata={"client_id": "bad-score", "head_scores": scores})
+    with pytest.raises(AggregationError, match="bad-score"):
+        aggregate([ok[0], ok[1], ok[2], bad_score], batch=2)
+    native = _backend.native
+
+    class FirstBatchFails:
+        def __getattr__(self, name):
+            return getattr(native, name)
+
+        def accumulate(self, *args):
+            raise ValueError("fedsparse: payload 1: plan row 0: a kernel-time error")
+
+    monkeypatch.setattr(_backend, "native", FirstBatchFails())
+    with pytest.raises(PayloadError, match=r"client 'c1': fedsparse: payload 1: plan row 0: a kernel-time error"):
+        aggregate([ok[0], ok[1], ok[2], bad_score], batch=2)
+
+
 def test_nan_in_dense_reference_input():
     ups = decoded(make_payloads(2, bits=32))
     ups[1].tensors["classifier.bias"][0] = np.nan

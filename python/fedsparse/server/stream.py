@@ -311,6 +311,16 @@ class Accumulator:
     def _batch_weights(self, clients: list, weights: np.ndarray, hit) -> np.ndarray:
         """float32 [len(clients), n_slots]: each client's weight times its head scores (1 where it sent none),
         for clients of one plan; a score signature's index into the flat scores is built once and cached."""
+        with np.errstate(over="ignore"):  # a weight beyond float32 is named below
+            out = self._scored_weights(clients, weights, hit)
+        bad = np.flatnonzero(~np.isfinite(out).all(axis=1))
+        if bad.size:
+            c = clients[int(bad[0])]
+            raise AggregationError(f"{client_label(c.cid)}: weight {weights[bad[0]]:g} times its head scores exceeds "
+                                   f"float32", client=c.cid)
+        return out
+
+    def _scored_weights(self, clients: list, weights: np.ndarray, hit) -> np.ndarray:
         _, slots, n_slots, _, cache, _ = hit
         out = np.repeat(weights.astype(np.float32)[:, None], n_slots, 1)
         if not self.use_scores:
@@ -386,11 +396,16 @@ class Accumulator:
     def flush(self, wait: bool = True) -> None:
         """Fold the pending payloads in: one native call (the kernel blocks the output across them), run on a
         worker thread so that the caller parses and plans the next batch meanwhile; wait=True returns when
-        every batch so far is in."""
-        self._join()
+        every batch so far is in. The batch's plans are built while the batch before it is still being folded
+        in (plans read the layout, never the sums); an error of that earlier batch is raised first."""
         if self._pending:
             batch, self._pending = self._pending, []
-            plans, ws = self._batch_plans(batch)
+            try:
+                plans, ws = self._batch_plans(batch)
+            except BaseException:
+                self._join()
+                raise
+            self._join()
             args = ([c.buffer for c, *_ in batch], plans, ws, [s for *_, s in batch],
                     [c.group_size for c, *_ in batch], self.acc, self.wsum, self.counts, float(self.clip_norm or 0.0))
             if wait:
