@@ -90,9 +90,12 @@ def dscores_(dp: Tensor, p: Tensor, delta: Tensor, scale: float, max_level: int 
     native.attention_dscores(dp.numpy(), p.numpy(), _f32(delta).numpy(), float(scale), max_level)
 
 
+_FUSED = native is not None and hasattr(native, "attention_fused_forward") and native.simd_level() == 2
+
+
 def has_fused() -> bool:
     """The fused kernel is built and fast here: it runs its GEMMs on AVX-512 (elsewhere a plain loop)."""
-    return native is not None and hasattr(native, "attention_fused_forward") and native.simd_level() == 2
+    return _FUSED
 
 
 def _rows(t: Tensor):
