@@ -8,7 +8,8 @@
 // and dO are read in place (any strides, last dimension contiguous). The outputs and gradients are the full
 // [B, H, ...] tensors, written in the same parallel pass: kept pairs computed, pruned pairs zeroed. A job is a
 // kept pair in the forward, a key/value head in the backward (grouped-query heads that share it add into its
-// dk, dv in turn), each with its P in cache.
+// dk, dv in turn), each with its P in cache. A forward without a backward keeps no P: each thread computes its
+// pairs' in a buffer of its own.
 //
 // GEMMs: register-blocked AVX-512 micro-kernels, MR rows x NV vectors of 16 floats of C per call, with B's rows
 // streamed along k and A's elements broadcast; row and column tails by clamping and masks. Elsewhere a plain
@@ -286,17 +287,17 @@ void attention_fused_forward(const py::buffer& q_b, const py::buffer& k_b, const
   FS_CHECK(bias.is_none() || bias_rows == 1 || bias_rows == Sq, "bias_rows must be 1 or Sq");
   const float* bi = bias.is_none() ? nullptr : flat<float>(bias, N * bias_rows * Sk, "bias", false);
   const bool* qv = qvalid.is_none() ? nullptr : flat<bool>(qvalid, N * Sq, "qvalid", false);
-  float* P = flat<float>(probs_o, N * Sq * Sk, "probs", true);
+  float* P = probs_o.is_none() ? nullptr : flat<float>(probs_o, N * Sq * Sk, "probs", true);
   float* mp = maxp_o.is_none() ? nullptr : flat<float>(maxp_o, N * Sq, "maxp", true);
   const int64_t* pairs = pairs_a.data();
   const int simd = simd_level(max_level);
   py::gil_scoped_release nogil;
-  const auto compute = [&](int64_t n, std::vector<float>& kt) {
+  const auto compute = [&](int64_t n, std::vector<float>& buf) {  // buf: k^T, then P when it is not kept
     const int64_t bh = pairs[n], kvh = dm.kv(bh);
-    kt.resize(size_t(D * Sk));
-    float* pn = P + n * Sq * Sk;
-    transpose(simd, k.pair(kvh), k.s[2], Sk, D, kt.data());
-    gemm(simd, Sq, Sk, D, q.pair(bh), q.s[2], 1, kt.data(), Sk, pn, Sk);  // q k^T
+    buf.resize(size_t(D * Sk + (P ? 0 : Sq * Sk)));
+    float *kt = buf.data(), *pn = P ? P + n * Sq * Sk : kt + D * Sk;
+    transpose(simd, k.pair(kvh), k.s[2], Sk, D, kt);
+    gemm(simd, Sq, Sk, D, q.pair(bh), q.s[2], 1, kt, Sk, pn, Sk);  // q k^T
     for (int64_t i = 0; i < Sq; ++i) {
       float* row = pn + i * Sk;
       float top = 0.0f;
@@ -384,10 +385,10 @@ void init_attention_fused(py::module_& m) {
         py::arg("pairs").noconvert(), py::arg("bias"), py::arg("bias_rows"), py::arg("causal"), py::arg("scale"),
         py::arg("qvalid"), py::arg("probs"), py::arg("out"), py::arg("maxp"), py::arg("max_level") = 2,
         "Attention of the kept pairs (flat b * H + h, int64 [N]) of float32 q [B, H, Sq, D], k [B, Hk, Sk, D], "
-        "v [B, Hk, Sk, Dv] (Hk dividing H; any strides, last dimension contiguous): writes probs [N, Sq, Sk] = softmax(scale * "
-        "q k^T + bias) (bias None or float32 [N, bias_rows (1 or Sq), Sk]; causal; qvalid None or bool [N, Sq], "
-        "False: the row is 0), out [B, H, Sq, Dv] (C-contiguous; pruned pairs 0) and maxp None or float32 "
-        "[N, Sq] (each row's largest probability).");
+        "v [B, Hk, Sk, Dv] (Hk dividing H; any strides, last dimension contiguous): writes probs [N, Sq, Sk] = "
+        "softmax(scale * q k^T + bias) (None: not kept, for calls without a backward), out [B, H, Sq, Dv] "
+        "(C-contiguous; pruned pairs 0) and maxp None or float32 [N, Sq] (each row's largest probability). bias "
+        "None or float32 [N, bias_rows (1 or Sq), Sk]; causal; qvalid None or bool [N, Sq] (False: the row is 0).");
   m.def("attention_fused_backward", &fedsparse::attention_fused_backward, py::arg("grad_out"), py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("out"), py::arg("pairs").noconvert(), py::arg("probs"),
         py::arg("scale"), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("max_level") = 2,

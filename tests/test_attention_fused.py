@@ -197,12 +197,47 @@ def test_pruned_attention_takes_the_fused_kernel(strided, monkeypatch):
 def test_fused_is_not_taken_where_it_does_not_apply():
     q, k, v = (torch.randn(2, 4, 8, 16) for _ in range(3))
     some = torch.tensor([True, False, True, False]).expand(2, 4)
-    pairs = pa_module._fused_pairs
+
+    def pairs(q, k, keep, keep_probs=True):
+        return pa_module._fused_pairs(q, k, keep, keep_probs)
+
     assert pairs(q.double(), k.double(), some) is None  # float32 only
     assert pairs(q, k, torch.ones(2, 4, dtype=torch.bool)) is None  # nothing pruned: flash
     assert pairs(q, k, torch.zeros(2, 4, dtype=torch.bool)) is None  # nothing kept
-    big = torch.randn(1, 2, 2049, 16)
-    assert pairs(big, big, torch.tensor([[True, False]])) is None  # P over MATERIALIZE_MAX
+    long = torch.randn(1, 2, 513, 16)
+    assert pairs(long, long[:, :, :512], torch.tensor([[True, False]]), keep_probs=False) is None  # > PAIR_MAX
+    many = torch.randn(17, 2, 512, 16)  # 17 pairs of 512 x 512: over MATERIALIZE_MAX kept for a backward
+    keep = torch.tensor([True, False]).expand(17, 2)
+    assert pairs(many, many, keep) is None
     if _native.has_fused():
         assert pairs(q, k, some).tolist() == [0, 2, 4, 6]
         assert pairs(q, k, torch.tensor([True, False, False, True]).expand(2, 4)).tolist() == [0, 3, 4, 7]
+        assert len(pairs(many, many, keep, keep_probs=False)) == 17  # one pair's at a time: fits
+
+
+@pytest.mark.skipif(not _native.has_fused(), reason="pruned_attention takes the fused kernel on AVX-512 only")
+def test_without_a_backward_no_probabilities_are_kept(monkeypatch):
+    """no_grad (or inputs without grad): no autograd node, P in per-thread buffers; the same output and
+    confidence as with a backward."""
+    b, h, s, d = 2, 5, 37, 16
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(b, h, s, d, generator=g) for _ in range(3))
+    hm = torch.rand(b, h, generator=g) > 0.5
+    am = torch.ones(b, s, dtype=torch.bool)
+    am[1, 30:] = False
+    seen = []
+    kernel = _native.fused_forward
+    monkeypatch.setattr(_native, "fused_forward", lambda *a, **kw: seen.append(a[8]) or kernel(*a, **kw))
+    with torch.no_grad():
+        out, conf = pruned_attention(q, k, v, hm, attn_mask=am, return_confidence=True)
+    assert seen == [None] and out.grad_fn is None
+    out2, conf2 = pruned_attention(q, k, v, hm, attn_mask=am, return_confidence=True)  # no input needs grad
+    assert seen[-1] is None and torch.equal(out, out2) and torch.equal(conf, conf2)
+    qq = q.clone().requires_grad_()
+    out3, conf3 = pruned_attention(qq, k, v, hm, attn_mask=am, return_confidence=True)
+    assert seen[-1] is not None and out3.grad_fn is not None
+    assert torch.equal(out, out3.detach()) and torch.equal(conf, conf3)
+    r_out, r_conf, _ = reference_grads(q, k, v, torch.zeros(b, h, s, d), hm, attn_mask=am)
+    close(out, r_out, "out")
+    close(conf, r_conf, "confidence")
+    _pool.empty_cache()

@@ -107,12 +107,12 @@ def _rows(t: Tensor):
 
 
 def fused_forward(q: Tensor, k: Tensor, v: Tensor, pairs: np.ndarray, bias: Tensor | None, is_causal: bool,
-                  scale: float, qvalid: Tensor | None, probs: Tensor, out: Tensor, maxp: Tensor | None,
+                  scale: float, qvalid: Tensor | None, probs: Tensor | None, out: Tensor, maxp: Tensor | None,
                   max_level: int = 2) -> None:
-    """Attention of the kept pairs, P kept: q [B, H, Sq, D], k [B, Hk, Sk, D], v [B, Hk, Sk, Dv] float32 (Hk
-    dividing H; any strides); pairs numpy int64 [N] (b * H + h, distinct); bias None or [N, 1, Sq or 1, Sk];
-    qvalid None or bool [N, Sq]. Writes probs float32 contiguous [N, Sq, Sk], out float32 contiguous [B, H, Sq, Dv] (pruned pairs
-    0) and maxp None or float32 [N, Sq] (each row's largest probability)."""
+    """Attention of the kept pairs: q [B, H, Sq, D], k [B, Hk, Sk, D], v [B, Hk, Sk, Dv] float32 (Hk dividing H;
+    any strides); pairs numpy int64 [N] (b * H + h, distinct); bias None or [N, 1, Sq or 1, Sk]; qvalid None or
+    bool [N, Sq]. Writes probs float32 contiguous [N, Sq, Sk] (None: not kept), out float32 contiguous
+    [B, H, Sq, Dv] (pruned pairs 0) and maxp None or float32 [N, Sq] (each row's largest probability)."""
     n, sk = len(pairs), k.shape[2]
     bias_np, bias_rows = None, 0
     if bias is not None:
@@ -120,8 +120,8 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, pairs: np.ndarray, bias: Tens
         bias_np, bias_rows = bf.numpy(), bf.shape[1]
     native.attention_fused_forward(
         _rows(q), _rows(k), _rows(v), pairs, bias_np, bias_rows, bool(is_causal), float(scale),
-        qvalid.contiguous().numpy() if qvalid is not None else None, probs.numpy(), out.numpy(),
-        maxp.numpy() if maxp is not None else None, max_level)
+        qvalid.contiguous().numpy() if qvalid is not None else None, probs.numpy() if probs is not None else None,
+        out.numpy(), maxp.numpy() if maxp is not None else None, max_level)
 
 
 def fused_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, pairs: np.ndarray, probs: Tensor,

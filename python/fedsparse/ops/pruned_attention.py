@@ -10,7 +10,8 @@ Work is laid out over the kept (batch, head) pairs only, forward and backward:
     csrc/attention_fused.cpp, one parallel pass per direction. It reads the kept pairs of q, k, v in place
     (no gather), keeps their probabilities from the forward for the backward (six GEMMs per pair where flash
     attention needs seven) and writes the full-size output and gradients directly, pruned pairs zeroed in the
-    same pass. Up to MATERIALIZE_MAX kept probabilities per call.
+    same pass. Up to PAIR_MAX probabilities per pair and MATERIALIZE_MAX per call; without a backward
+    (no_grad, inference), P lives in a per-thread buffer, one pair at a time, and no autograd node is made.
   * CPU otherwise (float16, bfloat16; no head pruned; larger calls; the registered op):
     the kept pairs are gathered (one copy of 1/10 of q, k, v at 90% pruning) and handed to ATen's CPU
     flash-attention kernels as a batch of N single-head problems; results are written into the full tensors
@@ -67,9 +68,13 @@ def pruned_attention(q: Tensor, k: Tensor, v: Tensor, head_mask: Tensor, *, attn
     keep = _common.check_head_mask(head_mask, b, h)
     scale = _common.default_scale(q.shape[-1], scale)
     if _eager_cpu_ok(q, k, v):
-        pairs = _fused_pairs(q, k, keep)
-        if pairs is not None:
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        pairs = _fused_pairs(q, k, keep, keep_probs=grad)
+        if pairs is not None and grad:
             out, conf = _FusedCpu.apply(q, k, v, pairs, attn_mask, bool(is_causal), scale, bool(return_confidence))
+        elif pairs is not None:  # no backward: P lives in a per-thread buffer, one pair at a time
+            out, conf, _ = _fused_forward(q, k, v, pairs, attn_mask, bool(is_causal), scale, bool(return_confidence),
+                                          keep_probs=False)
         else:
             out, conf = _EagerCpu.apply(q, k, v, keep, attn_mask, bool(is_causal), scale, bool(return_confidence))
         return (out, conf) if return_confidence else out
@@ -252,8 +257,8 @@ def _gather(t: Tensor, bi: Tensor, hi: Tensor) -> Tensor:
     return flat_view.index_select(0, bi * h + hi).unsqueeze(1)
 
 
-# With confidence, kept pairs' probabilities are materialized (see _materialized_forward) up to this many
-# elements (16 MB).
+# Kept pairs' probabilities held from the forward to the backward (the fused kernel; elsewhere, with confidence,
+# _materialized_forward), at most this many elements per call (16 MB).
 MATERIALIZE_MAX = 1 << 22
 
 
@@ -420,18 +425,47 @@ class _EagerCpu(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
-def _fused_pairs(q: Tensor, k: Tensor, keep: Tensor) -> np.ndarray | None:
+# The fused kernel computes a pair's Sq x Sk probabilities whole; up to this many (1 MB: Sq = Sk = 512) they stay
+# in cache. Beyond, ATen's flash tiles win: Sq = Sk = 1024, B=1 H=20 D=32, 2 heads kept, fwd+bwd 5.2 against
+# 4.8 ms; at 512 (B=4 H=12 D=64) the fused kernel takes 7.3 against 9.8 ms (2 Xeon cores).
+PAIR_MAX = 1 << 18
+
+
+def _fused_pairs(q: Tensor, k: Tensor, keep: Tensor, keep_probs: bool) -> np.ndarray | None:
     """The kept pairs (flat b * H + h, numpy int64 [N]) where the fused native kernel takes the call: float32,
-    some but not all pairs kept, at most MATERIALIZE_MAX probabilities of kept pairs, AVX-512 at run time. None
-    otherwise. (numpy: a few microseconds where torch ops take tens, right after a kernel has filled the
-    caches.)"""
+    some but not all pairs kept, AVX-512 at run time, Sq * Sk <= PAIR_MAX, and with keep_probs (a backward will
+    follow) N * Sq * Sk <= MATERIALIZE_MAX. None otherwise. (numpy: a few microseconds where torch ops take
+    tens, right after a kernel has filled the caches.)"""
     from . import _native
     b, h, sq, _ = q.shape
     sk = k.shape[2]
-    if not (q.dtype == torch.float32 and sq and sk and _native.has_fused()):
+    if not (q.dtype == torch.float32 and 0 < sq * sk <= PAIR_MAX and _native.has_fused()):
         return None
     pairs = np.flatnonzero(keep.cpu().numpy())
-    return pairs if 0 < len(pairs) < b * h and len(pairs) * sq * sk <= MATERIALIZE_MAX else None
+    n = len(pairs)
+    return pairs if 0 < n < b * h and (not keep_probs or n * sq * sk <= MATERIALIZE_MAX) else None
+
+
+def _fused_forward(q, k, v, pairs, attn_mask, is_causal: bool, scale: float, with_conf: bool, keep_probs: bool):
+    """The fused kernel's forward -> (out [B, H, Sq, Dv] float32, conf float32 [B, H] or None, P float32
+    [N, Sq, Sk] or None (keep_probs False))."""
+    from . import _native
+    b, h, sq, _ = q.shape
+    sk, n = k.shape[2], len(pairs)
+    bias = qv = conf = None
+    if attn_mask is not None or with_conf:
+        flat = torch.from_numpy(pairs)
+        bi, hi = flat // h, flat % h
+        masks = split_mask(attn_mask, b, h, sq, sk)
+        bias = _pair_bias(masks, bi, hi, b, h, sk, torch.float32)
+        qv = masks.qv[bi] if masks.qv is not None else None
+    probs = _pool.empty((n, sq, sk), torch.float32) if keep_probs else None
+    out = _pool.empty((b, h, sq, v.shape[3]), torch.float32)
+    maxp = torch.empty(n, sq, dtype=torch.float32) if with_conf else None
+    _native.fused_forward(q, k, v, pairs, bias, is_causal, scale, qv, probs, out, maxp)
+    if with_conf:
+        conf = _conf_from_pairs(maxp, bi, hi, b, h, "cpu")
+    return out, conf, probs
 
 
 class _FusedCpu(torch.autograd.Function):
@@ -444,23 +478,9 @@ class _FusedCpu(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, pairs, attn_mask, is_causal, scale, with_conf):
-        from . import _native
-        b, h, sq, _ = q.shape
-        sk, n = k.shape[2], len(pairs)
-        bias = qv = None
-        if attn_mask is not None or with_conf:
-            flat = torch.from_numpy(pairs)
-            bi, hi = flat // h, flat % h
-            masks = split_mask(attn_mask, b, h, sq, sk)
-            bias = _pair_bias(masks, bi, hi, b, h, sk, torch.float32)
-            qv = masks.qv[bi] if masks.qv is not None else None
-        probs = _pool.empty((n, sq, sk), torch.float32)
-        out = _pool.empty((b, h, sq, v.shape[3]), torch.float32)
-        maxp = torch.empty(n, sq, dtype=torch.float32) if with_conf else None
-        _native.fused_forward(q, k, v, pairs, bias, is_causal, scale, qv, probs, out, maxp)
-        conf = None
-        if with_conf:
-            ctx.mark_non_differentiable(conf := _conf_from_pairs(maxp, bi, hi, b, h, "cpu"))
+        out, conf, probs = _fused_forward(q, k, v, pairs, attn_mask, is_causal, scale, with_conf, keep_probs=True)
+        if conf is not None:
+            ctx.mark_non_differentiable(conf)
         ctx.save_for_backward(q, k, v, out, probs)
         ctx.pairs, ctx.scale = pairs, scale
         return out, conf
