@@ -16,6 +16,15 @@ def _f32(t: Tensor) -> Tensor:
     return t.detach().to(torch.float32).contiguous()
 
 
+def _bias_rows(bias: Tensor | None, n: int, sk: int):
+    """bias None or [N, 1, Sq or 1, Sk] -> (float32 C-contiguous numpy [N, rows, Sk] or None, rows), as the
+    kernels take it."""
+    if bias is None:
+        return None, 0
+    bf = _f32(bias.reshape(n, -1, sk))
+    return bf.numpy(), bf.shape[1]
+
+
 def row_stats(qs: Tensor, ks: Tensor, bias: Tensor | None, is_causal: bool, scale: float, want_sum: bool):
     """Row max m and (want_sum) sum_j exp(l_j - m) of the scaled, masked logits l = qs ks^T * scale + bias.
 
@@ -27,12 +36,7 @@ def row_stats(qs: Tensor, ks: Tensor, bias: Tensor | None, is_causal: bool, scal
     qf, kf = _f32(qs), _f32(ks)
     m = torch.empty(n, sq, dtype=torch.float32)
     s = torch.empty(n, sq, dtype=torch.float32) if want_sum else m
-    if bias is not None:
-        bf = _f32(bias.reshape(n, -1, sk))
-        bias_rows = bf.shape[1]
-        bias_np = bf.numpy()
-    else:
-        bias_rows, bias_np = 0, None
+    bias_np, bias_rows = _bias_rows(bias, n, sk)
     native.attention_row_stats(qf.numpy(), kf.numpy(), bias_np, bias_rows, bool(is_causal), float(scale),
                                m.numpy(), s.numpy(), bool(want_sum))
     return m, (s if want_sum else None)
@@ -74,11 +78,7 @@ def softmax_(s: Tensor, scale: float, bias: Tensor | None, is_causal: bool, qval
     (0 for a row with nothing to attend to, NaN for a row with a NaN logit). max_level: the widest SIMD used,
     2 = AVX-512, 1 = AVX2, 0 = scalar (tests).
     """
-    n, _, sk = s.shape
-    bias_np, bias_rows = None, 0
-    if bias is not None:
-        bf = _f32(bias.reshape(n, -1, sk))
-        bias_np, bias_rows = bf.numpy(), bf.shape[1]
+    bias_np, bias_rows = _bias_rows(bias, s.shape[0], s.shape[2])
     qv = qvalid.contiguous().numpy() if qvalid is not None else None
     native.attention_softmax(s.numpy(), float(scale), bias_np, bias_rows, bool(is_causal), qv,
                              maxp.numpy() if maxp is not None else None, max_level)
@@ -113,11 +113,7 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, pairs: np.ndarray, bias: Tens
     any strides); pairs numpy int64 [N] (b * H + h, distinct); bias None or [N, 1, Sq or 1, Sk]; qvalid None or
     bool [N, Sq]. Writes probs float32 contiguous [N, Sq, Sk] (None: not kept), out float32 contiguous
     [B, H, Sq, Dv] (pruned pairs 0) and maxp None or float32 [N, Sq] (each row's largest probability)."""
-    n, sk = len(pairs), k.shape[2]
-    bias_np, bias_rows = None, 0
-    if bias is not None:
-        bf = _f32(bias.reshape(n, -1, sk))
-        bias_np, bias_rows = bf.numpy(), bf.shape[1]
+    bias_np, bias_rows = _bias_rows(bias, len(pairs), k.shape[2])
     native.attention_fused_forward(
         _rows(q), _rows(k), _rows(v), pairs, bias_np, bias_rows, bool(is_causal), float(scale),
         qvalid.contiguous().numpy() if qvalid is not None else None, probs.numpy() if probs is not None else None,
