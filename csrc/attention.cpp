@@ -20,6 +20,7 @@
 #include <limits>
 #include <vector>
 
+#include "arrays.h"
 #include "common.h"
 #include "simd.h"
 
@@ -178,13 +179,6 @@ void row_stats_job(const RowStatsArgs& a, int64_t n, int64_t i0, int64_t i1, std
   }
 }
 
-template <class T>
-const T* checked(const py::array_t<T>& x, int64_t n, const char* what) {
-  FS_CHECK(x.size() == n, std::string(what) + " has the wrong number of elements");
-  FS_CHECK(x.ndim() == 0 || (x.flags() & py::array::c_style), std::string(what) + " must be C-contiguous");
-  return x.data();
-}
-
 void attention_row_stats(const py::array_t<float>& q, const py::array_t<float>& k,
                          const py::object& bias, int64_t bias_rows, bool causal, float scale,
                          py::array_t<float>& m, py::array_t<float>& s, bool want_sum, bool force_scalar) {
@@ -192,22 +186,14 @@ void attention_row_stats(const py::array_t<float>& q, const py::array_t<float>& 
   const int64_t N = q.shape(0), Sq = q.shape(1), D = q.shape(2), Sk = k.shape(1);
   FS_CHECK(k.shape(0) == N && k.shape(2) == D, "k must be [N, Sk, D] like q");
   RowStatsArgs a{};
-  a.q = checked(q, N * Sq * D, "q");
-  a.k = checked(k, N * Sk * D, "k");
-  a.bias = nullptr;
-  py::array_t<float> b;  // outlives the kernel: a.bias points into it
-  if (!bias.is_none()) {
-    FS_CHECK(py::isinstance<py::array_t<float>>(bias), "bias must be a float32 array or None");
-    b = py::reinterpret_borrow<py::array_t<float>>(bias);
-    FS_CHECK(bias_rows == 1 || bias_rows == Sq, "bias_rows must be 1 or Sq");
-    a.bias = checked(b, N * bias_rows * Sk, "bias");
-  }
-  FS_CHECK(m.size() == N * Sq && (m.flags() & py::array::c_style) && m.writeable(), "m must be writable [N, Sq]");
-  FS_CHECK(s.size() == N * Sq && (s.flags() & py::array::c_style) && s.writeable(), "s must be writable [N, Sq]");
+  a.q = array_data<float>(q, N * Sq * D, "q", false);
+  a.k = array_data<float>(k, N * Sk * D, "k", false);
+  FS_CHECK(bias.is_none() || bias_rows == 1 || bias_rows == Sq, "bias_rows must be 1 or Sq");
+  a.bias = optional_array_data<float>(bias, N * bias_rows * Sk, "bias", false);
   a.N = N; a.Sq = Sq; a.Sk = Sk; a.D = D; a.bias_rows = bias_rows;
   a.causal = causal; a.want_sum = want_sum; a.scale = scale;
-  a.m = m.mutable_data();
-  a.s = s.mutable_data();
+  a.m = array_data<float>(m, N * Sq, "m", true);
+  a.s = array_data<float>(s, N * Sq, "s", true);
   if (N == 0 || Sq == 0) return;
   if (Sk == 0) {
     std::fill(a.m, a.m + N * Sq, kNegInf);

@@ -21,6 +21,7 @@
 #include <cstring>
 #include <vector>
 
+#include "arrays.h"
 #include "attention_rows.h"
 #include "common.h"
 
@@ -214,17 +215,6 @@ View4 view4(const py::buffer& buf, const char* what, bool writable, bool contigu
   return v;
 }
 
-template <class T>
-T* flat(const py::object& x, int64_t n, const char* what, bool writable) {
-  const std::string name(what);
-  FS_CHECK(py::isinstance<py::array_t<T>>(x), name + " has the wrong dtype");
-  auto a = py::reinterpret_borrow<py::array_t<T>>(x);
-  FS_CHECK(a.size() == n && (a.flags() & py::array::c_style), name + " must be C-contiguous with " +
-                                                                 std::to_string(n) + " elements");
-  FS_CHECK(!writable || a.writeable(), name + " must be writable");
-  return const_cast<T*>(a.data());
-}
-
 // Checks the kept pairs (flat b * H + h, each in [0, BH), distinct); returns the pruned ones.
 std::vector<int64_t> pruned_pairs(const py::array_t<int64_t>& pairs_a, int64_t BH) {
   FS_CHECK(pairs_a.ndim() == 1 && (pairs_a.size() == 0 || pairs_a.strides(0) == 8),
@@ -285,10 +275,10 @@ void attention_fused_forward(const py::buffer& q_b, const py::buffer& k_b, const
   const std::vector<int64_t> pruned = pruned_pairs(pairs_a, dm.B * dm.H);
   const int64_t N = pairs_a.size();
   FS_CHECK(bias.is_none() || bias_rows == 1 || bias_rows == Sq, "bias_rows must be 1 or Sq");
-  const float* bi = bias.is_none() ? nullptr : flat<float>(bias, N * bias_rows * Sk, "bias", false);
-  const bool* qv = qvalid.is_none() ? nullptr : flat<bool>(qvalid, N * Sq, "qvalid", false);
-  float* P = probs_o.is_none() ? nullptr : flat<float>(probs_o, N * Sq * Sk, "probs", true);
-  float* mp = maxp_o.is_none() ? nullptr : flat<float>(maxp_o, N * Sq, "maxp", true);
+  const float* bi = optional_array_data<float>(bias, N * bias_rows * Sk, "bias", false);
+  const bool* qv = optional_array_data<bool>(qvalid, N * Sq, "qvalid", false);
+  float* P = optional_array_data<float>(probs_o, N * Sq * Sk, "probs", true);
+  float* mp = optional_array_data<float>(maxp_o, N * Sq, "maxp", true);
   const int64_t* pairs = pairs_a.data();
   const int simd = simd_level(max_level);
   py::gil_scoped_release nogil;
@@ -332,7 +322,7 @@ void attention_fused_backward(const py::buffer& go_b, const py::buffer& q_b, con
            "dq, dk, dv must have the shapes of q, k, v");
   const std::vector<int64_t> pruned = pruned_pairs(pairs_a, dm.B * dm.H);
   const int64_t N = pairs_a.size();
-  const float* P = flat<float>(probs_o, N * Sq * Sk, "probs", false);
+  const float* P = array_data<float>(probs_o, N * Sq * Sk, "probs", false);
   const int64_t* pairs = pairs_a.data();
   // One unit per key/value head with kept query heads: they add into its dk, dv one after the other.
   std::vector<std::vector<int64_t>> of_kv(size_t(dm.B * dm.Hk));

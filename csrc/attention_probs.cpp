@@ -12,6 +12,7 @@
 
 #include <algorithm>
 
+#include "arrays.h"
 #include "attention_rows.h"
 #include "common.h"
 
@@ -20,24 +21,6 @@ namespace py = pybind11;
 namespace fedsparse {
 namespace {
 
-template <class T>
-T* data_of(py::array_t<T>& x, int64_t n, const char* what) {
-  FS_CHECK(x.size() == n, std::string(what) + " has the wrong number of elements");
-  FS_CHECK(x.flags() & py::array::c_style, std::string(what) + " must be C-contiguous");
-  FS_CHECK(x.writeable(), std::string(what) + " must be writable");
-  return x.mutable_data();
-}
-
-template <class T>
-const T* optional_data(const py::object& x, int64_t n, const char* what, py::array_t<T>& keep) {
-  if (x.is_none()) return nullptr;
-  FS_CHECK(py::isinstance<py::array_t<T>>(x), std::string(what) + " has the wrong dtype");
-  keep = py::reinterpret_borrow<py::array_t<T>>(x);
-  FS_CHECK(keep.size() == n && (keep.flags() & py::array::c_style),
-           std::string(what) + " must be C-contiguous with the right number of elements");
-  return keep.data();
-}
-
 // Parallel over rows when there is enough work for a second thread to pay off.
 constexpr int64_t kParallelElements = 1 << 16;
 
@@ -45,18 +28,11 @@ void attention_softmax(py::array_t<float>& s, float scale, const py::object& bia
                        bool causal, const py::object& qvalid, const py::object& maxp, int max_level) {
   FS_CHECK(s.ndim() == 3, "s must be [N, Sq, Sk]");
   const int64_t N = s.shape(0), Sq = s.shape(1), Sk = s.shape(2);
-  float* x = data_of(s, N * Sq * Sk, "s");
+  float* x = array_data<float>(s, N * Sq * Sk, "s", true);
   FS_CHECK(bias.is_none() || bias_rows == 1 || bias_rows == Sq, "bias_rows must be 1 or Sq");
-  py::array_t<float> bias_a, maxp_a;
-  py::array_t<bool> qv_a;
-  const float* b = optional_data(bias, N * bias_rows * Sk, "bias", bias_a);
-  const bool* qv = optional_data(qvalid, N * Sq, "qvalid", qv_a);
-  float* mp = nullptr;
-  if (!maxp.is_none()) {
-    FS_CHECK(py::isinstance<py::array_t<float>>(maxp), "maxp must be a float32 array or None");
-    maxp_a = py::reinterpret_borrow<py::array_t<float>>(maxp);
-    mp = data_of(maxp_a, N * Sq, "maxp");
-  }
+  const float* b = optional_array_data<float>(bias, N * bias_rows * Sk, "bias", false);
+  const bool* qv = optional_array_data<bool>(qvalid, N * Sq, "qvalid", false);
+  float* mp = optional_array_data<float>(maxp, N * Sq, "maxp", true);
   const int simd = simd_level(max_level);
   const int64_t rows = N * Sq;
   py::gil_scoped_release nogil;
@@ -80,11 +56,9 @@ void attention_dscores(py::array_t<float>& dp, const py::array_t<float>& p, cons
                        float scale, int max_level) {
   FS_CHECK(dp.ndim() == 3, "dp must be [N, Sq, Sk]");
   const int64_t N = dp.shape(0), Sq = dp.shape(1), Sk = dp.shape(2);
-  float* d = data_of(dp, N * Sq * Sk, "dp");
-  FS_CHECK(p.size() == N * Sq * Sk && (p.flags() & py::array::c_style), "p must be C-contiguous like dp");
-  FS_CHECK(delta.size() == N * Sq && (delta.flags() & py::array::c_style), "delta must be C-contiguous [N, Sq]");
-  const float* pp = p.data();
-  const float* dl = delta.data();
+  float* d = array_data<float>(dp, N * Sq * Sk, "dp", true);
+  const float* pp = array_data<float>(p, N * Sq * Sk, "p", false);
+  const float* dl = array_data<float>(delta, N * Sq, "delta", false);
   const int simd = simd_level(max_level);
   const int64_t rows = N * Sq;
   py::gil_scoped_release nogil;
