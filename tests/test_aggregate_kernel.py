@@ -235,6 +235,32 @@ def test_bad_payload_in_a_batch_writes_nothing():
         C.accumulate([p, p], [good], [np.ones(1, np.float32)] * 2, [1.0, 1.0], [16, 16], acc, e0, e0.copy())
 
 
+def test_plans_checked_in_parallel_raise_for_the_first_bad_payload():
+    """From 8 payloads the plans are built on several threads: whichever thread meets a bad one, the error names
+    the first bad payload in batch order, and nothing is written."""
+    rng = np.random.default_rng(6)
+    p, layout, e = one_tensor_payload((8, 6), KIND_DENSE, 0, None, 8, 16, rng)
+    n = 40
+    plans = [plan_row(e) for _ in range(n)]
+    plans[29][0, 7] = 10**9  # values outside the payload
+    plans[17][0, 6] = 3  # bad bit width: the first bad one
+    acc, e0 = np.zeros(48, np.float32), np.zeros(0, np.float32)
+    args = ([p] * n, plans, [np.ones(1, np.float32)] * n, [1.0] * n, [16] * n, acc, e0, e0.copy())
+    for _ in range(5):
+        with pytest.raises(ValueError, match=r"^fedsparse: payload 17: plan row 0: bad bit width$"):
+            C.accumulate(*args)
+        assert not acc.any()
+    plans[17] = plan_row(e)
+    with pytest.raises(ValueError, match=r"^fedsparse: payload 29: plan row 0: values outside the payload$"):
+        C.accumulate(*args)
+    plans[29] = plan_row(e)
+    C.accumulate(*args)
+    ref = np.zeros(48, np.float32)
+    for _ in range(n):
+        acc1(p, plan_row(e), np.ones(1, np.float32), 1.0, 16, ref, e0, e0.copy())
+    np.testing.assert_array_equal(acc, ref)
+
+
 def test_clip_norm_in_the_kernel_equals_scaling_by_the_norm():
     """clip_norm: each payload's scale times min(1, clip / ||values||), the norm from sum_squares; every kind
     and width, group sizes that differ within the batch, payloads above and below the clip."""
