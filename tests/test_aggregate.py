@@ -548,6 +548,33 @@ def test_iterator_is_read_at_most_one_batch_ahead(monkeypatch):
     assert len(ahead) == 12 and max(ahead) <= 2 * 2  # the client's own batch and the one verified ahead
 
 
+def _aggregate_in_child(payloads, out):
+    res = aggregate(payloads, batch=2)
+    out.put({n: np.asarray(res[n]) for n in res})
+
+
+@pytest.mark.skipif(_backend.native is None, reason="no background batches without the native module")
+def test_aggregate_in_a_forked_child():
+    """Batches fold in on a worker thread kept per process: a child forked after the parent started its worker
+    (whose thread does not exist in the child) gets a new one instead of waiting forever on the parent's."""
+    import multiprocessing
+    ps = make_payloads(6, seed=24)
+    expected = aggregate(ps, batch=2)  # starts the parent's worker
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_aggregate_in_child, args=(ps, out))
+    child.start()
+    try:
+        got = out.get(timeout=30)
+        child.join(10)
+    finally:
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0
+    for n in expected:
+        np.testing.assert_array_equal(got[n], np.asarray(expected[n]))
+
+
 def test_clipping_reads_each_tensor_table_once(monkeypatch):
     """The kernel takes each client's norm from the values it adds: clients after the first never have their
     tensor table re-read, with clipping as without."""
