@@ -45,6 +45,7 @@ enum Col { cKind, cRows, cCols, cHeads, cMaskOff, cKept, cBits, cDataOff, cDataB
 enum WsumMode { kPerTensor = 0, kPerHead = 1, kPerElement = 2 };
 constexpr int64_t kSerialBelow = 1 << 15;   // kept elements of a batch; below, threads cost more than they save
 constexpr int64_t kThreadsAbove = 1 << 20;  // kept elements of one payload worth threads in sum_squares
+constexpr int64_t kParallelPlanRows = 512;  // plan rows of a batch from which they are built on threads
 constexpr int64_t kChunk = 2048;            // elements per work item (a multiple of every group size < 2048)
 constexpr int64_t kPrefetch = 4096;         // bytes of codes fetched ahead of the multiply-add
 
@@ -500,10 +501,13 @@ void accumulate(const py::sequence& payloads, const py::sequence& plans, const p
     gs[b] = py::cast<int64_t>(group_sizes[b]);
   }
   py::gil_scoped_release nogil;
-  // The plans are checked and built in parallel (~10 us a payload of 80 tensors); a bad one raises for the first
-  // such payload in batch order, whatever the thread that met it.
+  // The plans are checked and built in parallel (~0.12 us a plan row, ~10 us a payload of 80 tensors) once there
+  // are enough rows to pay for starting threads (~20 us each); a bad one raises for the first such payload in
+  // batch order, whatever the thread that met it.
+  int64_t plan_rows = 0;
+  for (size_t b = 0; b < B; ++b) plan_rows += views[3 * b + 2].ndim == 2 ? int64_t(views[3 * b + 2].shape[0]) : 0;
   std::vector<std::exception_ptr> failed(B);
-  parallel_units(int64_t(B), B >= 8 ? max_threads() : 1, [&](int64_t bi, int) {
+  parallel_units(int64_t(B), plan_rows >= kParallelPlanRows ? max_threads() : 1, [&](int64_t bi, int) {
     const size_t b = size_t(bi);
     try {
       const py::buffer_info &pv = views[3 * b], &wv = views[3 * b + 1];

@@ -236,24 +236,24 @@ def test_bad_payload_in_a_batch_writes_nothing():
 
 
 def test_plans_checked_in_parallel_raise_for_the_first_bad_payload():
-    """From 8 payloads the plans are built on several threads: whichever thread meets a bad one, the error names
-    the first bad payload in batch order, and nothing is written."""
+    """From 512 plan rows in a batch the plans are built on several threads: whichever thread meets a bad one, the
+    error names the first bad payload in batch order, and nothing is written."""
     rng = np.random.default_rng(6)
     p, layout, e = one_tensor_payload((8, 6), KIND_DENSE, 0, None, 8, 16, rng)
-    n = 40
+    n = 600  # one row each
     plans = [plan_row(e) for _ in range(n)]
-    plans[29][0, 7] = 10**9  # values outside the payload
-    plans[17][0, 6] = 3  # bad bit width: the first bad one
+    plans[290][0, 7] = 10**9  # values outside the payload
+    plans[170][0, 6] = 3  # bad bit width: the first bad one
     acc, e0 = np.zeros(48, np.float32), np.zeros(0, np.float32)
     args = ([p] * n, plans, [np.ones(1, np.float32)] * n, [1.0] * n, [16] * n, acc, e0, e0.copy())
     for _ in range(5):
-        with pytest.raises(ValueError, match=r"^fedsparse: payload 17: plan row 0: bad bit width$"):
+        with pytest.raises(ValueError, match=r"^fedsparse: payload 170: plan row 0: bad bit width$"):
             C.accumulate(*args)
         assert not acc.any()
-    plans[17] = plan_row(e)
-    with pytest.raises(ValueError, match=r"^fedsparse: payload 29: plan row 0: values outside the payload$"):
+    plans[170] = plan_row(e)
+    with pytest.raises(ValueError, match=r"^fedsparse: payload 290: plan row 0: values outside the payload$"):
         C.accumulate(*args)
-    plans[29] = plan_row(e)
+    plans[290] = plan_row(e)
     C.accumulate(*args)
     ref = np.zeros(48, np.float32)
     for _ in range(n):
