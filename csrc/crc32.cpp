@@ -167,8 +167,9 @@ uint32_t crc32_portable(uint32_t crc, const uint8_t* p, int64_t n) {
   return ~c;
 }
 
-uint32_t crc32(const uint8_t* p, int64_t n) {
-  uint32_t crc = 0;
+uint32_t crc32(const uint8_t* p, int64_t n) { return crc32_update(0, p, n); }
+
+uint32_t crc32_update(uint32_t crc, const uint8_t* p, int64_t n) {
 #ifdef FS_HAVE_CLMUL
   if (kHasClmul && n >= 64) {
     const int64_t bulk = n & ~int64_t(15);
@@ -178,6 +179,41 @@ uint32_t crc32(const uint8_t* p, int64_t n) {
   }
 #endif
   return crc32_portable(crc, p, n);
+}
+
+namespace {
+// Polynomials over GF(2) modulo the CRC polynomial, bit-reflected as the CRC is: bit 31 is x^0. a * b mod P,
+// one bit of a at a time (b times x each step); ~32 steps, only for the few combines of a split CRC.
+uint32_t mul_mod_p(uint32_t a, uint32_t b) {
+  uint32_t product = 0;
+  for (uint32_t bit = 1u << 31; bit; bit >>= 1) {
+    if (a & bit) product ^= b;
+    b = b & 1 ? (b >> 1) ^ 0xedb88320u : b >> 1;
+  }
+  return product;
+}
+// x^(2^k) mod P for k < 64: x^(8 n) mod P by square-and-multiply over the bits of n.
+struct PowersOfX {
+  uint32_t x2k[64];
+  PowersOfX() {
+    uint32_t p = 1u << 30;  // x^1
+    for (auto& v : x2k) {
+      v = p;
+      p = mul_mod_p(p, p);
+    }
+  }
+};
+const PowersOfX kPowers;
+}  // namespace
+
+uint32_t crc32_combine(uint32_t crc_a, uint32_t crc_b, int64_t len_b) {
+  // Appending len_b bytes multiplies a's remainder by x^(8 len_b); the pre- and post-inversions of the two CRCs
+  // cancel, so the standard CRCs combine directly (as zlib's crc32_combine).
+  uint32_t shift = 1u << 31;  // x^0
+  uint64_t n = uint64_t(len_b);
+  for (int k = 3; n; n >>= 1, ++k)
+    if (n & 1) shift = mul_mod_p(kPowers.x2k[k], shift);
+  return mul_mod_p(shift, crc_a) ^ crc_b;
 }
 
 }  // namespace fedsparse
@@ -203,4 +239,6 @@ void init_crc32(py::module_& m) {
         return fedsparse::crc32_portable(0, p, n);
       },
       "CRC-32 by slicing-by-8 tables (the fallback; a test peer of crc32).");
+  m.def("crc32_combine", &fedsparse::crc32_combine, py::arg("crc_a"), py::arg("crc_b"), py::arg("len_b"),
+        "crc32(a + b) from crc32(a), crc32(b) and len(b) (zlib's crc32_combine).");
 }

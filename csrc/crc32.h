@@ -7,4 +7,8 @@ namespace fedsparse {
 uint32_t crc32(const uint8_t* p, int64_t n);
 // The portable slicing-by-8 version (the fast path's tail, and its test peer).
 uint32_t crc32_portable(uint32_t crc, const uint8_t* p, int64_t n);
+// crc continued over n more bytes: crc32_update(crc32(a), b) == crc32(a ++ b) (zlib's crc32(crc, buf, len)).
+uint32_t crc32_update(uint32_t crc, const uint8_t* p, int64_t n);
+// crc32(a ++ b) from crc32(a), crc32(b) and b's length: a CRC computed in pieces, in parallel.
+uint32_t crc32_combine(uint32_t crc_a, uint32_t crc_b, int64_t len_b);
 }  // namespace fedsparse

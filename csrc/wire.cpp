@@ -130,15 +130,16 @@ struct Parsed {
   std::vector<std::array<int64_t, 5>> spans;  // mask_offset, mask_nbits, n_kept, data_offset, data_nbytes
 };
 
-// The parser proper: no Python, so it runs without the GIL and in parallel. verify=false skips the CRC and
-// the value checks (for re-reading the table of a payload already verified); bounds are always checked.
-void parse_into(const uint8_t* buf, int64_t n, int64_t max_elements, bool verify, Parsed& out) {
+// The parser proper: no Python, so it runs without the GIL and in parallel. verify=false skips the value
+// checks (for re-reading the table of a payload already verified), crc=false the CRC (verify=false implies it:
+// the server's aggregate checks it inside its accumulate pass instead); bounds are always checked.
+void parse_into(const uint8_t* buf, int64_t n, int64_t max_elements, bool verify, Parsed& out, bool crc = true) {
   if (n < kHeaderSize + kCrcSize)
     throw ParseError("truncated payload: " + std::to_string(n) + " bytes, a payload has at least 24");
   if (std::memcmp(buf, "FSPK", 4) != 0) throw ParseError("bad magic: not a fedsparse payload");
   out.version = load_u16le(buf + 4);
   if (out.version != 1) throw ParseError("unsupported payload version " + std::to_string(out.version));
-  if (verify && crc32(buf, n - kCrcSize) != load_u32le(buf + n - kCrcSize))
+  if (verify && crc && crc32(buf, n - kCrcSize) != load_u32le(buf + n - kCrcSize))
     throw ParseError("CRC mismatch: payload corrupted or truncated");
   if (load_u16le(buf + 6) != 0) throw ParseError("unknown header flags");
   out.group_size = load_u32le(buf + 8);
@@ -256,7 +257,7 @@ py::tuple parse(const py::buffer& payload, int64_t max_elements, bool verify, bo
 
 // Several payloads verified in parallel (the CRC is most of the work), each returned as parse(compact=True)
 // does, or as the error message (str) of that payload: the caller decides which error to raise first.
-py::list parse_many(const py::sequence& payloads, int64_t max_elements) {
+py::list parse_many(const py::sequence& payloads, int64_t max_elements, bool crc) {
   const size_t n = py::len(payloads);
   std::vector<py::buffer_info> views;
   views.reserve(n);
@@ -271,7 +272,7 @@ py::list parse_many(const py::sequence& payloads, int64_t max_elements) {
       try {
         const auto& v = views[size_t(i)];
         parse_into(static_cast<const uint8_t*>(v.ptr), int64_t(v.size * v.itemsize), max_elements, true,
-                   parsed[size_t(i)]);
+                   parsed[size_t(i)], crc);
       } catch (const std::exception& e) {  // ParseError, or bad_alloc on a hostile table
         errors[size_t(i)] = e.what();
         if (errors[size_t(i)].empty()) errors[size_t(i)] = "malformed payload";
@@ -310,7 +311,8 @@ void init_wire(py::module_& m) {
         "ValueError on anything malformed. compact=True: (version, group_size, meta_offset, meta_len, table_end, "
         "spans int64 [n, 5] = (mask_offset, n_kept, bits, data_offset, data_nbytes), [(index, entry) of the "
         "metadata entries]). verify=False: skip the CRC and value checks (bounds are still checked).");
-  m.def("parse_payloads", &fedsparse::parse_many, py::arg("payloads"), py::arg("max_elements"),
+  m.def("parse_payloads", &fedsparse::parse_many, py::arg("payloads"), py::arg("max_elements"), py::arg("crc") = true,
         "parse_payload(p, max_elements, compact=True) of each payload, verified in parallel; a payload that fails "
-        "gives its error message (str) in its place.");
+        "gives its error message (str) in its place. crc=False: every check but the CRC (the caller checks it; "
+        "accumulate(check_crc=True) does).");
 }

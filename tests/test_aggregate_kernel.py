@@ -296,3 +296,71 @@ def test_clip_norm_in_the_kernel_equals_scaling_by_the_norm():
     with pytest.raises(ValueError, match="clip_norm"):
         C.accumulate([p], [plan_row(e)], [np.ones(1, np.float32)], [1.0], [16], np.zeros(0, np.float32), e0, e0.copy(),
                      clip_norm=-1.0)
+
+
+def multi_tensor_batch(order, n=4, seed=8):
+    """n payloads of LoRA-like tensors (head rows, head columns, dense; 8, 4 and 16 bits) big enough for two
+    threads and several runs of output blocks, with plans whose accumulator layout follows `order` (sorted or
+    reversed names: the payloads' tensors then lie in the accumulator's order or against it)."""
+    rng = np.random.default_rng(seed)
+    payloads = []
+    for b in range(n):
+        update = {f"l{i}.q_proj.lora_B": rng.standard_normal((768, 16)).astype(np.float32) for i in range(3)}
+        update.update({f"l{i}.o_proj.lora_A": rng.standard_normal((16, 768)).astype(np.float32) for i in range(3)})
+        update["l0.dense"] = rng.standard_normal((100, 130)).astype(np.float32)
+        masks = {f"l{i}.{m}": rng.random(12) < 0.5 for i in range(3) for m in ("q_proj", "o_proj")}
+        payloads.append(fedsparse.pack(update, head_mask=masks, bits=[8, 4, 16, 8][b % 4], group_size=64,
+                                       metadata={"client_id": b, "note": "x" * 300}))
+    entries = [e for e in fedsparse.unpack(payloads[0]).layout.entries if not e.is_meta]
+    names = sorted((e.name for e in entries), reverse=order == "reversed")
+    off = dict(zip(names, np.cumsum([0] + [int(np.prod(e.shape)) for e in sorted(
+        entries, key=lambda e: names.index(e.name))])[:-1]))
+    plans = []
+    for p in payloads:
+        es = [e for e in fedsparse.unpack(p).layout.entries if not e.is_meta]
+        plans.append(np.concatenate([plan_row(e, acc_off=int(off[e.name]), w_off=0, wsum_off=-1,
+                                              mode=PER_TENSOR if e.kind == KIND_DENSE else PER_HEAD) for e in es]))
+    numel = sum(int(np.prod(e.shape)) for e in entries)
+    args = [payloads, plans, [np.ones(12, np.float32)] * n, [1.0] * n, [64] * n]
+    return args, numel
+
+
+@pytest.mark.parametrize("order", ["sorted", "reversed"])
+def test_check_crc_catches_a_flipped_byte_anywhere(order):
+    """accumulate(check_crc=True) checks each payload's CRC-32 within its own pass (the ranges of the threads'
+    runs combined): the sums are those without the check, and a byte flipped anywhere in a payload (header,
+    metadata, table, masks, scales, codes, the CRC itself) raises for that payload, however the payload's tensors
+    lie against the accumulator."""
+    args, numel = multi_tensor_batch(order)
+    out = [np.zeros(numel, np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32)]
+    C.accumulate(*args, *out)
+    checked = [np.zeros(numel, np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32)]
+    C.accumulate(*args, *checked, check_crc=True)
+    np.testing.assert_array_equal(checked[0], out[0])
+    payloads = args[0]
+    rng = np.random.default_rng(1)
+    for b in (0, 2, 3):
+        size = len(payloads[b])
+        edges = {x for e in fedsparse.unpack(payloads[b]).layout.entries
+                 for x in (e.mask_offset, e.data_offset, e.data_offset + 5, e.data_offset + e.data_nbytes - 1)}
+        for pos in sorted({0, 7, 25, size // 2, size - 5, size - 4, size - 1, *edges,
+                           *rng.integers(0, size, 40).tolist()}):
+            bad = bytearray(payloads[b])
+            bad[pos] ^= 0x10
+            trial = list(payloads)
+            trial[b] = bytes(bad)
+            acc = np.zeros(numel, np.float32)
+            with pytest.raises(ValueError, match=rf"^fedsparse: payload {b}: (CRC mismatch|plan row \d+: kept-element)"):
+                C.accumulate(trial, *args[1:], acc, out[1], out[2], check_crc=True)
+    with pytest.raises(ValueError, match=r"payload 0: CRC mismatch"):  # the first bad one in batch order
+        C.accumulate([payloads[0][:-1] + b"\0", payloads[1], payloads[2], payloads[3][:-1] + b"\0"], *args[1:],
+                     np.zeros(numel, np.float32), out[1], out[2], check_crc=True)
+
+
+def test_crc32_combine_matches_zlib():
+    import zlib
+    rng = np.random.default_rng(2)
+    data = rng.integers(0, 256, 100_000, dtype=np.uint8).tobytes()
+    for cut in (0, 1, 15, 64, 4097, 99_999, 100_000):
+        a, b = data[:cut], data[cut:]
+        assert C.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(data)
