@@ -3,16 +3,16 @@
 100 clients x packed LoRA updates of ~1M parameters (10 layers x q/k/v/o x lora_A [16, 768] + lora_B [768, 16],
 12 heads, half of each module's heads kept, 8 bits, group 64). Providers, each over the same payload list:
 
-    stream headwise   fedsparse.server.aggregate(method="headwise"): parse (CRC, bounds; the next batch on a
-                      helper thread), per-head scores, one native dequantize-and-accumulate call per batch of
-                      32 payloads (on a worker thread), normalise in place
+    stream headwise   fedsparse.server.aggregate(method="headwise"): parse (bounds, scales), per-head scores,
+                      one native dequantize-and-accumulate call per batch of ~32 payloads that also checks
+                      their CRC-32s as it reads them, normalise in place
     stream fedavg     the same with method="fedavg"
     (a) unpack+numpy  fedsparse.unpack(p), then acc[name] += w * update[name] in numpy (fedavg, no per-head
                       weights: the cheapest thing a server could do with unpack)
     (b) read once     one pass over every payload byte (numpy uint64 sum): the memory-bandwidth limit
-    parse only        fedsparse's native parser (CRC-32 + validation, 32 payloads at a time in parallel, as
-                      aggregate() does) and the metadata: the floor of any path that verifies payloads
-                      (and its CRC-32 alone, one thread)
+    parse only        read_clients: fedsparse's native parser with the CRC-32 (32 payloads at a time in
+                      parallel) and the metadata, a verify pass of its own (aggregate's fedavg and headwise
+                      no longer make one: their kernel checks the CRCs); and its CRC-32 alone, one thread
     accumulate only   Accumulator.add and the native kernel calls (pre-parsed payloads, plans cached)
 
 Every provider is timed twice: "warm" (its runs back to back, so whatever of the 76 MB of payloads the last

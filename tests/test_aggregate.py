@@ -440,8 +440,7 @@ def test_weight_beyond_float32_names_the_client():
 
 
 def test_an_earlier_batch_error_comes_first(monkeypatch):
-    """The plans of a batch are built while the batch before it is folded in: a kernel error of the earlier
-    batch (client #1) is still the one raised, not the later batch's bad head score."""
+    """A kernel error of a batch (client #1) is raised before anything of the next batch (its bad head score)."""
     ok = make_payloads(3, bits=32)
     rng = np.random.default_rng(1)
     scores = rng.random((L, H)).astype(np.float32)
@@ -514,7 +513,7 @@ def test_malformed_payload_names_the_client():
 
 
 def test_errors_come_in_payload_order_across_batches():
-    """The next batch is verified ahead on a helper thread: its errors must not overtake an earlier one."""
+    """A later batch's errors never overtake an earlier one's."""
     ps = make_payloads(6, seed=21)
     bad_crc = ps[5][:-1] + bytes([ps[5][-1] ^ 1])
     dup = ps[0]  # client 'c0' again, in the first batch
@@ -526,7 +525,47 @@ def test_errors_come_in_payload_order_across_batches():
         aggregate(ps[:4] + ["not bytes", bad_crc], batch=2)
 
 
-def test_iterator_is_read_at_most_one_batch_ahead(monkeypatch):
+@pytest.mark.parametrize("method", ["fedavg", "headwise"])
+def test_a_flipped_byte_anywhere_is_a_crc_error(method, backend):
+    """fedavg and headwise check the CRCs in the kernel's pass over the payloads, after their tables and metadata
+    were read (numpy: in the parser, first): a flipped byte past the magic and version still reads as a CRC
+    mismatch of its client wherever it lies (a name or client id that no longer matches, metadata or a table
+    that no longer parses, a mask, a scale, a code, the CRC itself)."""
+    ps = make_payloads(5, seed=31)
+    size = len(ps[3])
+    edges = {x for e in fedsparse.unpack(ps[3]).layout.entries
+             for x in (e.mask_offset, e.data_offset, e.data_offset + 5, e.data_offset + e.data_nbytes - 1)}
+    for pos in sorted({*range(6, 64), *range(64, size, 97), *edges, size - 5, size - 1}):
+        bad = bytearray(ps[3])
+        bad[pos] ^= 0x10
+        with pytest.raises(PayloadError, match=r"^client #3: CRC mismatch"):
+            aggregate(ps[:3] + [bytes(bad)] + ps[4:], method=method, batch=2)
+
+
+def test_a_late_crc_check_keeps_errors_in_payload_order():
+    """With the CRC checked by the kernel, errors still come as with the CRC checked first: a payload that fails
+    when it is read (id, metadata, weight, tensors) raises in payload order with corrupt ones; one that fails when
+    its batch is folded in (head scores) raises after any corrupt payload of its batch."""
+    ps = make_payloads(6, seed=32)
+    corrupt = ps[1][:-30] + bytes([ps[1][-30] ^ 1]) + ps[1][-29:]
+    rng = np.random.default_rng(3)
+    scores = rng.random((L, H)).astype(np.float32)
+    scores[0, 0] = -1.0
+    bad_score = fedsparse.pack(make_update(rng), head_mask={m: np.ones(H, bool) for m in MODULES},
+                               metadata={"client_id": "bad-score", "head_scores": scores})
+    for batch in (6, 2):
+        with pytest.raises(PayloadError, match=r"^client #1: CRC mismatch"):
+            aggregate([ps[0], corrupt, ps[2], ps[0], ps[4]], batch=batch)  # c0 twice at #3
+        with pytest.raises(PayloadError, match=r"^client #1: CRC mismatch"):
+            aggregate([ps[0], corrupt, bad_score, ps[3]], batch=batch)
+        with pytest.raises(AggregationError, match=r"client 'c0' appears twice"):
+            aggregate([ps[0], ps[0], corrupt], batch=batch)
+        with pytest.raises(AggregationError if batch == 2 else PayloadError,
+                           match=r"bad-score" if batch == 2 else r"^client #2: CRC mismatch"):
+            aggregate([ps[0], bad_score, corrupt], batch=batch)
+
+
+def test_iterator_is_read_one_batch_at_a_time(monkeypatch):
     import fedsparse.server.stream as stream
     ps = make_payloads(12, seed=22)
     expected = aggregate(ps, batch=2)
@@ -545,7 +584,7 @@ def test_iterator_is_read_at_most_one_batch_ahead(monkeypatch):
 
     monkeypatch.setattr(stream.Accumulator, "add", spy)
     assert_close(aggregate(gen(), batch=2), expected)
-    assert len(ahead) == 12 and max(ahead) <= 2 * 2  # the client's own batch and the one verified ahead
+    assert len(ahead) == 12 and max(ahead) <= 2  # the client's own batch only
 
 
 def _aggregate_in_child(payloads, out):
@@ -553,13 +592,12 @@ def _aggregate_in_child(payloads, out):
     out.put({n: np.asarray(res[n]) for n in res})
 
 
-@pytest.mark.skipif(_backend.native is None, reason="no background batches without the native module")
 def test_aggregate_in_a_forked_child():
-    """Batches fold in on a worker thread kept per process: a child forked after the parent started its worker
-    (whose thread does not exist in the child) gets a new one instead of waiting forever on the parent's."""
+    """A child forked after the parent aggregated (a Flower server process, say) aggregates alike: nothing kept
+    per process (threads, pools) is inherited broken."""
     import multiprocessing
     ps = make_payloads(6, seed=24)
-    expected = aggregate(ps, batch=2)  # starts the parent's worker
+    expected = aggregate(ps, batch=2)
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
     child = ctx.Process(target=_aggregate_in_child, args=(ps, out))
@@ -653,9 +691,8 @@ def test_headwise_untrained_tensor_does_not_dilute():
 
 @pytest.mark.skipif(not fedsparse.has_native(), reason="native module not built")
 @pytest.mark.parametrize("n, batch", [(6, 2), (5, 2), (3, 8)])
-def test_kernel_error_of_a_batch_folded_in_the_background_reaches_the_caller(monkeypatch, n, batch):
-    """flush() folds a full batch in on a worker thread; an error there is raised in the caller's thread,
-    naming the client, whether the batch is the last one or not."""
+def test_kernel_error_of_a_batch_names_the_client(monkeypatch, n, batch):
+    """A kernel error of a batch names the client, whether the batch is the last one or not."""
     from fedsparse import _backend
 
     real = _backend.native

@@ -8,16 +8,17 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .. import _backend
+from ..errors import PayloadError
 from ..wire import DEFAULT_MAX_ELEMENTS
 from .hetero import HETERO_METHODS, HeteroAccumulator
 from .meta import AggregationError, branch_of, client_label, layer_index, num_examples, replace_layer
 from .reference import is_shared_fn, layer_mapper
 from .robust import robust_aggregate
-from .stream import Accumulator, clients_from, clip_factor, verify_chunk
+from .stream import Accumulator, client_from, clip_factor, verify_chunk
 
 METHODS = ("fedavg", "headwise", "median", "trimmed_mean", "multibranch") + HETERO_METHODS
 
@@ -174,8 +175,7 @@ def aggregate(
     clip_norm: scale each client's update to L2 norm <= clip_norm first.
     batch: about how many parsed payloads the native kernel folds in per call (it blocks the output across
         them, so it stays in cache); a list of n is cut into round(n / batch) batches of equal size (the last
-        may be smaller). From an iterator, at most three batches of payloads are held at once: one being
-        folded in, one being planned, and the next one being verified ahead.
+        may be smaller). From an iterator, one batch of payloads is held at a time.
     max_elements: per-payload cap on declared tensor elements (fedsparse.unpack's).
 
     Errors (nothing is returned, nothing given is modified): no payloads, different format versions,
@@ -197,10 +197,16 @@ def aggregate(
     wfn = _Weights(weights)
     ids, metas, raw = [], [], []
     seen = set()
+    # fedavg and headwise check the CRCs in the kernel's pass over the payloads, not in a pass of their own
+    lazy_crc = method in ("fedavg", "headwise") and _backend.native is not None
+    reading = [0, [], -1]  # the chunk being read (start, buffers) and the position reached in it
 
     def clients():
-        for start, bufs, parsed in _verified_chunks(payloads, batch, max_elements):
-            for c in clients_from(bufs, parsed, start, max_elements):
+        for start, bufs, parsed in _parsed_chunks(payloads, batch, max_elements, not lazy_crc):
+            reading[:2] = start, bufs
+            for i in range(len(bufs)):
+                reading[2] = start + i
+                c = client_from(bufs[i], parsed.get(i), start + i, max_elements)
                 if c.cid in seen:
                     raise AggregationError(f"{client_label(c.cid)} appears twice", client=c.cid)
                 seen.add(c.cid)
@@ -235,14 +241,22 @@ def aggregate(
                             target_depth=target_depth, inner=inner, batch=batch)
 
     acc = Accumulator(track_sums=method == "headwise" or base is not None, use_scores=method == "headwise",
-                      batch=batch, clip_norm=clip_norm)
-    for c, w in clients():
-        if acc.acc is None and base is not None:
-            acc._start(c)
-            acc.check_base(base)
-        acc.add(c, w)
-    _finish_weights(wfn, ids, raw)
-    tensors, _, head_counts, head_weights = acc.finish(method, base)
+                      batch=batch, clip_norm=clip_norm, check_crc=lazy_crc)
+    try:
+        for c, w in clients():
+            if acc.acc is None and base is not None:
+                acc._start(c)
+                acc.check_base(base)
+            acc.add(c, w)
+        _finish_weights(wfn, ids, raw)
+        tensors, _, head_counts, head_weights = acc.finish(method, base)
+    except (PayloadError, AggregationError):
+        # The batches before this chunk were folded in, so their CRCs matched: the first corrupt payload of this
+        # chunk up to the one being read (the batch flushed with it ends there) comes first, as with the CRC first.
+        corrupt = _first_corrupt(*reading, max_elements) if lazy_crc else None
+        if corrupt is not None:
+            raise corrupt from None
+        raise
     return AggregateResult(tensors, method=method, clients=ids, weights=_normalised(ids, raw),
                            head_counts=head_counts, head_weights=head_weights,
                            metadata=_summary(method, ids, metas, raw), dtypes=acc.dtypes())
@@ -268,20 +282,27 @@ def _even_batch(payloads, batch: int) -> int:
     return -(-n // max(1, round(n / batch))) if n else batch
 
 
-def _verified_chunks(payloads: Iterable, n: int, max_elements: int):
-    """(start, buffers, parsed) per chunk of _chunks, for clients_from. The next chunk is verified on a helper
-    thread (native, without the GIL for the bulk) while the caller plans and folds in this one. Errors come out
-    in payload order."""
-    chunks = _chunks(payloads, n)
-    with ThreadPoolExecutor(1, thread_name_prefix="fedsparse-verify") as pool:
-        nxt = next(chunks, None)
-        pending = pool.submit(verify_chunk, nxt[1], nxt[0], max_elements) if nxt else None
-        while pending is not None:
-            start = nxt[0]
-            bufs, parsed = pending.result()
-            nxt = next(chunks, None)
-            pending = pool.submit(verify_chunk, nxt[1], nxt[0], max_elements) if nxt else None
-            yield start, bufs, parsed
+def _parsed_chunks(payloads: Iterable, n: int, max_elements: int, crc: bool = True):
+    """(start, buffers, parsed) per chunk of _chunks, for client_from: each chunk parsed (native, in parallel,
+    without the GIL) when the one before it has been folded in. crc=False: not its CRC (the kernel checks it)."""
+    for start, chunk in _chunks(payloads, n):
+        yield (start,) + verify_chunk(chunk, start, max_elements, crc)
+
+
+def _first_corrupt(start: int, bufs: list, upto: int, max_elements: int):
+    """PayloadError for the first of bufs (positions start.. upto) whose CRC does not match, else None: with the
+    CRC checked late (by the kernel), an error of a later stage must not hide an earlier payload's corruption,
+    nor its own (a flipped bit in a tensor name reads as a missing tensor)."""
+    native = _backend.native
+    for i, buf in enumerate(bufs[:upto - start + 1]):
+        if not isinstance(buf, (bytes, memoryview)):
+            continue
+        try:
+            native.parse_payload(buf, max_elements, verify=True, compact=True)
+        except ValueError as exc:
+            if str(exc).startswith("CRC mismatch"):
+                return PayloadError(f"client #{start + i}: {exc}")
+    return None
 
 
 def acc_probe(c) -> float:

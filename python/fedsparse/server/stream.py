@@ -13,9 +13,6 @@ that needs a finer granularity upgrades the sums by broadcasting them.
 from __future__ import annotations
 
 import math
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -90,9 +87,10 @@ def read_clients(payloads, start: int, max_elements: int = DEFAULT_MAX_ELEMENTS)
     return clients_from(*verify_chunk(payloads, start, max_elements), start, max_elements)
 
 
-def verify_chunk(payloads, start: int, max_elements: int = DEFAULT_MAX_ELEMENTS) -> tuple:
+def verify_chunk(payloads, start: int, max_elements: int = DEFAULT_MAX_ELEMENTS, crc: bool = True) -> tuple:
     """The native half of read_clients (type checks, then CRC and structure, without the GIL for the bulk):
-    -> (buffers, {index: parsed or error text}) for clients_from. Safe to run on another thread."""
+    -> (buffers, {index: parsed or error text}) for clients_from. Safe to run on another thread. crc=False:
+    everything but the CRC, which the caller then checks (Accumulator(check_crc=True))."""
     native = _backend.native
     raw = []
     for i, p in enumerate(payloads):
@@ -102,16 +100,18 @@ def verify_chunk(payloads, start: int, max_elements: int = DEFAULT_MAX_ELEMENTS)
                                    f"{type(p).__name__}")
             raw.append(i)
     bufs = [bytes(p) if isinstance(p, bytearray) else p for p in payloads]
-    parsed = dict(zip(raw, native.parse_payloads([bufs[i] for i in raw], max_elements))) if native and raw else {}
+    parsed = dict(zip(raw, native.parse_payloads([bufs[i] for i in raw], max_elements, crc))) if native and raw else {}
     return bufs, parsed
 
 
 def clients_from(bufs, parsed, start: int, max_elements: int = DEFAULT_MAX_ELEMENTS) -> list:
     """The Python half of read_clients: metadata and ids; raises for the first bad payload."""
-    return [_client(bufs[i], parsed.get(i), start + i, max_elements) for i in range(len(bufs))]
+    return [client_from(bufs[i], parsed.get(i), start + i, max_elements) for i in range(len(bufs))]
 
 
-def _client(payload, parsed, position: int, max_elements: int) -> Client:
+def client_from(payload, parsed, position: int, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Client:
+    """One payload's Python half: its buffer and verify_chunk's result for it (None: a PackedUpdate, or no
+    native module) -> Client; errors name it by position."""
     try:
         if parsed is None:
             if hasattr(payload, "layout"):  # a PackedUpdate: already parsed
@@ -136,23 +136,6 @@ def _client(payload, parsed, position: int, max_elements: int) -> Client:
     if client._layout is not None:
         _check_names(client._layout, client.cid)
     return client
-
-
-_FOLD_POOL: tuple = (None, None)  # (pid, executor): one worker thread per process, started once
-_FOLD_LOCK = threading.Lock()
-
-
-def _fold_pool() -> ThreadPoolExecutor:
-    """The thread that runs Accumulator batches in the background. Started once per process and kept: a new
-    threading.Thread per batch made the caller wait in start() until the OS ran it, 0.7-2.9 ms a batch while the
-    verify helper kept both cores busy. A forked child gets its own (the parent's thread does not exist there)."""
-    global _FOLD_POOL
-    with _FOLD_LOCK:
-        pid, pool = _FOLD_POOL
-        if pool is None or pid != os.getpid():
-            pool = ThreadPoolExecutor(1, thread_name_prefix="fedsparse-fold")
-            _FOLD_POOL = (os.getpid(), pool)
-        return pool
 
 
 def clip_factor(sumsq: float, clip_norm: float) -> float:
@@ -212,16 +195,16 @@ class Accumulator:
     use_scores: weight heads by the clients' head_scores metadata (headwise).
     clip_norm: scale each client's update to L2 norm <= clip_norm (the kernel takes the norms, in parallel,
         from the values it is about to add).
+    check_crc: the clients were read with verify_chunk(crc=False); the kernel checks their CRCs as it adds them.
     """
 
     def __init__(self, *, track_sums: bool, use_scores: bool, label: str = "", batch: int = 32,
-                 clip_norm: float | None = None):
+                 clip_norm: float | None = None, check_crc: bool = False):
         self.track, self.use_scores, self.label = track_sums, use_scores, label
+        self.check_crc = check_crc
         self.clip_norm = clip_norm
         self.batch = max(1, int(batch))
         self._pending: list = []
-        self._worker = None  # Future of the batch being folded in (flush(wait=False))
-        self._error: BaseException | None = None
         self.tensors: dict = {}
         self.order: list = []
         self.acc = None
@@ -408,53 +391,31 @@ class Accumulator:
         else:
             self._pending.append(entry)
             if len(self._pending) >= self.batch:
-                self.flush(wait=False)
+                self.flush()
         self.total_weight += weight
         self.n_clients += 1
 
-    def flush(self, wait: bool = True) -> None:
-        """Fold the pending payloads in: one native call (the kernel blocks the output across them), run on a
-        worker thread so that the caller parses and plans the next batch meanwhile; wait=True returns when
-        every batch so far is in. The batch's plans are built while the batch before it is still being folded
-        in (plans read the layout, never the sums); an error of that earlier batch is raised first."""
-        if self._pending:
-            batch, self._pending = self._pending, []
-            try:
-                plans, ws = self._batch_plans(batch)
-            except BaseException:
-                self._join()
-                raise
-            self._join()
-            args = ([c.buffer for c, *_ in batch], plans, ws, [s for *_, s in batch],
-                    [c.group_size for c, *_ in batch], self.acc, self.wsum, self.counts, float(self.clip_norm or 0.0))
-            if wait:
-                self._run(batch, args)
-            else:
-                self._worker = _fold_pool().submit(self._run, batch, args)
-        if wait:
-            self._join()
-
-    def _run(self, batch, args) -> None:
+    def flush(self) -> None:
+        """Fold the pending payloads in: one native call (the kernel blocks the output across them, and checks
+        their CRCs with check_crc). A kernel error names its client; after a CRC mismatch the sums are invalid
+        (the batch was added before its CRCs were known), so the caller must discard this accumulator."""
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        plans, ws = self._batch_plans(batch)
         try:
-            _backend.native.accumulate(*args)
-        except ValueError as exc:  # the batch is checked whole before anything is written
+            _backend.native.accumulate([c.buffer for c, *_ in batch], plans, ws, [s for *_, s in batch],
+                                       [c.group_size for c, *_ in batch], self.acc, self.wsum, self.counts,
+                                       float(self.clip_norm or 0.0), 2, self.check_crc)
+        except ValueError as exc:  # "fedsparse: payload <index in batch>: ..."
             msg = str(exc)
-            who = "a client of the batch"
-            if msg.startswith("fedsparse: payload "):
-                index = int(msg.split()[2].rstrip(":"))
-                who = client_label(batch[index][0].cid)
-            self._error = PayloadError(f"{who}: {msg}")
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-            self._error = exc
-
-    def _join(self) -> None:
-        """Wait for the batch on the worker thread; raise its error here."""
-        if self._worker is not None:
-            self._worker.result()
-            self._worker = None
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise err
+            if not msg.startswith("fedsparse: payload "):
+                raise PayloadError(f"a client of the batch: {msg}") from None
+            index, _, detail = msg[len("fedsparse: payload "):].partition(": ")
+            client = batch[int(index)][0]
+            if detail.startswith("CRC mismatch"):  # worded as the parser words it
+                raise PayloadError(f"client #{client.position}: {detail}") from None
+            raise PayloadError(f"{client_label(client.cid)}: {msg}") from None
 
     def _add_numpy(self, client: Client, plan, w, scale) -> None:
         """The same as the kernel, through the reference decoder (no native module)."""
