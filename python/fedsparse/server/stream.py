@@ -409,9 +409,9 @@ class Accumulator:
                                        float(self.clip_norm or 0.0), 2, self.check_crc)
         except ValueError as exc:  # "fedsparse: payload <index in batch>: ..."
             msg = str(exc)
-            if not msg.startswith("fedsparse: payload "):
+            index, _, detail = msg.removeprefix("fedsparse: payload ").partition(": ")
+            if not (msg.startswith("fedsparse: payload ") and index.isdigit() and int(index) < len(batch)):
                 raise PayloadError(f"a client of the batch: {msg}") from None
-            index, _, detail = msg[len("fedsparse: payload "):].partition(": ")
             client = batch[int(index)][0]
             if detail.startswith("CRC mismatch"):  # worded as the parser words it
                 raise PayloadError(f"client #{client.position}: {detail}") from None
