@@ -61,6 +61,9 @@ struct Tensor {
   int wsum_mode = kPerTensor;
   std::vector<int64_t> units;  // kept heads (head kinds) or kept element indices
 
+  // The codes: past the tensor scale and the float16 group scales of the quantized widths (all of values else).
+  const uint8_t* codes(int64_t gs) const { return values + (bits <= 8 ? 4 + 2 * ((n_kept + gs - 1) / gs) : 0); }
+
   // The kept elements form equal-length contiguous runs in the [R, C] view: a kept head's rows, a kept
   // head's columns within one row, single elements, or the whole tensor.
   int64_t segment_start(int64_t s, int64_t* unit) const {
@@ -113,7 +116,7 @@ struct Tensor {
 // The bytes of compact elements [ka, kb) of a tensor's values (past the tensor scale and group scales of the
 // quantized widths): what the multiply-add of those elements reads, as offsets into its payload.
 std::pair<int64_t, int64_t> code_bytes(const Tensor& t, const uint8_t* payload, int64_t gs, int64_t ka, int64_t kb) {
-  const int64_t codes = (t.values - payload) + (t.bits <= 8 ? 4 + 2 * ((t.n_kept + gs - 1) / gs) : 0);
+  const int64_t codes = t.codes(gs) - payload;
   return {codes + ka * t.bits / 8, codes + (kb * t.bits + 7) / 8};
 }
 
@@ -150,9 +153,9 @@ void decode(const Tensor& t, int64_t k0, int64_t cnt, int64_t gs, float* buf) {
   } else if (t.bits == 16) {
     for (int64_t i = 0; i < cnt; ++i) buf[i] = f16_to_f32(load_u16le(t.values + 2 * (k0 + i)));
   } else {
-    const int64_t g = k0 / gs, n_groups = (t.n_kept + gs - 1) / gs;
+    const int64_t g = k0 / gs;
     const float step = f16_to_f32(load_u16le(t.values + 4 + 2 * g)) * load_f32le(t.values);
-    const uint8_t* codes = t.values + 4 + 2 * n_groups;
+    const uint8_t* codes = t.codes(gs);
     const int off = 1 << (t.bits - 1);
     if (t.bits == 8) {
       for (int64_t i = 0; i < cnt; ++i) buf[i] = float(int(codes[k0 + i]) - off) * step;
@@ -206,7 +209,7 @@ Plan build_plan(const In& payload, const py::buffer_info& pi, int64_t gs, const 
   Plan plan;
   plan.gs = gs;
   plan.tensors.resize(size_t(pi.shape[0]));
-  // The masks are the first bytes of the payload read after the CRC pass left it (a cache miss each, ~80 per
+  // The masks are the first bytes of the payload read since the parser left it (a cache miss each, ~80 per
   // payload in a row otherwise): ask for all of them at once.
   for (int64_t i = 0; i < pi.shape[0]; ++i) {
     const int64_t m = rows[i * kCols + cMaskOff];
@@ -340,9 +343,8 @@ struct U8Avx512 {
 // ends; each piece is one Isa::fma with a constant factor.
 template <class Isa>
 FS_ALWAYS_INLINE void walk_u8(const Tensor& t, int64_t k0, int64_t cnt, int64_t gs, float scale) {
-  const int64_t n_groups = (t.n_kept + gs - 1) / gs;
   const uint8_t* scales = t.values + 4;
-  const uint8_t* codes = t.values + 4 + 2 * n_groups;
+  const uint8_t* codes = t.codes(gs);
   const float tstep = load_f32le(t.values) * scale;
   const int64_t end = k0 + cnt;
   int64_t k = k0, s = k0 / t.seg_len, off = k0 % t.seg_len, unit = 0;
@@ -436,9 +438,9 @@ double item_sum_squares(const Plan& plan, const Item& it, std::vector<float>& bu
   for (int64_t g0 = it.k0; g0 < it.k0 + it.cnt; g0 += gsz) {
     const int64_t cnt = std::min(gsz, it.k0 + it.cnt - g0);
     if (t.bits == 8) {
-      const int64_t g = g0 / gsz, n_groups = (t.n_kept + gsz - 1) / gsz;
+      const int64_t g = g0 / gsz;
       const double step = double(f16_to_f32(load_u16le(t.values + 4 + 2 * g)) * load_f32le(t.values));
-      s += sumsq_u8(t.values + 4 + 2 * n_groups + g0, cnt) * step * step;
+      s += sumsq_u8(t.codes(gsz) + g0, cnt) * step * step;
     } else {
       decode(t, g0, cnt, gsz, buf.data());
       s += sumsq_f32(buf.data(), cnt);
@@ -477,7 +479,7 @@ struct Unit {
 // CRCs are combined in order (crc32_combine) and compared with the payload's last 4 bytes. Any cut gives the
 // right CRC; cuts at the runs' first fragments make the CRC's reads the multiply-add's reads.
 struct CrcSplit {
-  size_t n_runs1 = 0;                // runs + 1: bound's stride
+  size_t n_runs = 0;
   std::vector<const uint8_t*> base;  // [B] payload bytes
   std::vector<int64_t> size;         // [B] payload sizes
   std::vector<int64_t> bound;        // [B][runs + 1]: run r takes bytes [bound[r], bound[r + 1])
@@ -488,21 +490,21 @@ struct CrcSplit {
            const std::vector<std::vector<std::pair<int32_t, int32_t>>>& groups, const std::vector<Unit>& units,
            int64_t run) {
     const size_t B = batch.size();
-    const int64_t n_units = int64_t(units.size()), n_runs = (n_units + run - 1) / run;
-    n_runs1 = size_t(n_runs) + 1;
+    const int64_t n_units = int64_t(units.size());
+    n_runs = size_t((n_units + run - 1) / run);
     base.resize(B);
     size.resize(B);
-    bound.assign(B * n_runs1, 0);
-    part.assign(B * size_t(n_runs), 0);
+    bound.assign(B * (n_runs + 1), 0);
+    part.assign(B * n_runs, 0);
     std::vector<int32_t> tensor_of(groups.size() * B, -1);  // [group][payload]: its tensor there, or -1
     for (size_t g = 0; g < groups.size(); ++g)
       for (const auto& [b, i] : groups[g]) tensor_of[g * B + size_t(b)] = i;
     for (size_t b = 0; b < B; ++b) {
       base[b] = static_cast<const uint8_t*>(views[3 * b].ptr);
       size[b] = int64_t(views[3 * b].size * views[3 * b].itemsize);
-      int64_t* bd = &bound[b * n_runs1];
+      int64_t* bd = &bound[b * (n_runs + 1)];
       bd[n_runs] = size[b] - 4;
-      for (int64_t r = n_runs - 1; r >= 1; --r) {  // the run's first fragment; none: the next run's cut
+      for (int64_t r = int64_t(n_runs) - 1; r >= 1; --r) {  // the run's first fragment; none: the next run's cut
         bd[r] = bd[r + 1];
         for (int64_t u = r * run; u < std::min(n_units, (r + 1) * run); ++u) {
           const int32_t i = tensor_of[size_t(units[size_t(u)].group) * B + b];
@@ -518,28 +520,28 @@ struct CrcSplit {
     }
   }
   void start(int64_t r, std::vector<int64_t>& cursor) const {
-    for (size_t b = 0; b < base.size(); ++b) cursor[b] = bound[b * n_runs1 + size_t(r)];
+    for (size_t b = 0; b < base.size(); ++b) cursor[b] = bound[b * (n_runs + 1) + size_t(r)];
   }
   // Run r's CRC of payload b carried on to byte `to` (within its range).
   void to(int64_t r, size_t b, int64_t to, std::vector<int64_t>& cursor) {
-    to = std::min(to, bound[b * n_runs1 + size_t(r) + 1]);
+    to = std::min(to, bound[b * (n_runs + 1) + size_t(r) + 1]);
     if (to <= cursor[b]) return;
-    uint32_t& c = part[b * (n_runs1 - 1) + size_t(r)];  // only run r's thread writes it
+    uint32_t& c = part[b * n_runs + size_t(r)];  // only run r's thread writes it
     c = crc32_update(c, base[b] + cursor[b], to - cursor[b]);
     cursor[b] = to;
   }
   void finish(int64_t r, std::vector<int64_t>& cursor) {
-    for (size_t b = 0; b < base.size(); ++b) to(r, b, bound[b * n_runs1 + size_t(r) + 1], cursor);
+    for (size_t b = 0; b < base.size(); ++b) to(r, b, bound[b * (n_runs + 1) + size_t(r) + 1], cursor);
   }
   // Combine each payload's ranges, compare; raise for the first mismatch in batch order.
   void check(int threads) const {
-    const size_t B = base.size(), n_runs = n_runs1 - 1;
+    const size_t B = base.size();
     std::vector<char> bad(B, 0);
     parallel_units(int64_t(B), B >= 8 ? threads : 1, [&](int64_t bi, int) {
       const size_t b = size_t(bi);
       uint32_t c = n_runs ? part[b * n_runs] : crc32(base[b], size[b] - 4);
       for (size_t r = 1; r < n_runs; ++r)
-        c = crc32_combine(c, part[b * n_runs + r], bound[b * n_runs1 + r + 1] - bound[b * n_runs1 + r]);
+        c = crc32_combine(c, part[b * n_runs + r], bound[b * (n_runs + 1) + r + 1] - bound[b * (n_runs + 1) + r]);
       bad[b] = c != load_u32le(base[b] + size[b] - 4);
     });
     for (size_t b = 0; b < B; ++b)
