@@ -99,7 +99,9 @@ def test_head_score_forms(scores, backend):
 
 @pytest.mark.parametrize("method", ["fedavg", "headwise"])
 def test_mixed_sparsity_kinds(method, backend):
-    """Dense, head-sparse and top-k clients of the same tensors: weight sums get finer as clients arrive."""
+    """Dense, head-sparse and top-k clients of the same tensors: weight sums get finer as clients arrive. Each
+    order twice: the second time every accumulator starts from what the first left in stream._STARTS, which the
+    upgrades must not have changed."""
     rng = np.random.default_rng(5)
     ps = []
     for k, kind in enumerate(["dense", "heads", "topk", "heads", "dense"]):
@@ -107,7 +109,7 @@ def test_mixed_sparsity_kinds(method, backend):
         ps.append(fedsparse.pack(make_update(rng), head_mask=mask, topk=0.3 if kind == "topk" else None,
                                  metadata={"client_id": k, "num_examples": k + 1}))
     base = make_base(ps)
-    for order in ([0, 1, 2, 3, 4], [1, 0, 3, 2, 4], [2, 1, 0, 4, 3]):
+    for order in ([0, 1, 2, 3, 4], [1, 0, 3, 2, 4], [2, 1, 0, 4, 3]) * 2:
         sub = [ps[i] for i in order]
         assert_close(aggregate(sub, method=method, base=base), REFS[method](decoded(sub), base))
 
@@ -615,7 +617,7 @@ def test_aggregate_in_a_forked_child():
 
 def test_clipping_reads_each_tensor_table_once(monkeypatch):
     """The kernel takes each client's norm from the values it adds: clients after the first never have their
-    tensor table re-read, with clipping as without."""
+    tensor table re-read, with clipping as without; and once a table was seen, not even the first."""
     import fedsparse.server.stream as stream
     ps = make_payloads(6, seed=23)
     expected = aggregate(ps, clip_norm=3.0)
@@ -627,8 +629,12 @@ def test_clipping_reads_each_tensor_table_once(monkeypatch):
         return layout.fget(client)
 
     monkeypatch.setattr(stream.Client, "layout", property(spy))
+    monkeypatch.setattr(stream, "_STARTS", {})
     assert_close(aggregate(ps, clip_norm=3.0), expected)
     assert set(reads) == {0}
+    reads.clear()
+    assert_close(aggregate(ps, clip_norm=3.0), expected)
+    assert reads == []
 
 
 def test_tensor_rows_slice_or_index():

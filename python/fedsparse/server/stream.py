@@ -147,15 +147,21 @@ def clip_factor(sumsq: float, clip_norm: float) -> float:
 class _Tensor:
     """Where one tensor's accumulator lives and how its weight sums are kept."""
 
-    __slots__ = ("name", "shape", "numel", "acc_off", "mode", "hkind", "H", "wsum_off", "n_units", "dtype", "first")
+    __slots__ = ("name", "shape", "numel", "acc_off", "mode", "hkind", "H", "wsum_off", "n_units", "dtype")
 
-    def __init__(self, entry, acc_off, first):
-        self.name, self.shape, self.dtype, self.first = entry.name, tuple(entry.shape), entry.dtype, first
+    def __init__(self, entry, acc_off):
+        self.name, self.shape, self.dtype = entry.name, tuple(entry.shape), entry.dtype
         self.numel = math.prod(self.shape)
         self.acc_off = acc_off
         self.mode, self.hkind, self.H = PER_TENSOR, KIND_DENSE, 0
         self.wsum_off, self.n_units = 0, 1
         self.want(entry)
+
+    def copy(self) -> "_Tensor":
+        t = _Tensor.__new__(_Tensor)
+        for name in _Tensor.__slots__:
+            setattr(t, name, getattr(self, name))
+        return t
 
     def want(self, e) -> bool:
         """Upgrade the granularity so entry e fits; True if it changed."""
@@ -188,6 +194,14 @@ class _Tensor:
         return np.broadcast_to(v.reshape(1, H, 1), (r, H, c // H)).reshape(-1)
 
 
+# What an accumulator builds from its first client, by (tensor table, track_sums): its tensors (offsets,
+# granularities) and that table's plan with its head-score index. Every accumulator that starts from the same
+# table builds the same, so a server aggregating round after round builds them once (~1 ms for 80 tensors).
+# The oldest goes when full.
+_STARTS: dict = {}
+_MAX_STARTS = 32
+
+
 class Accumulator:
     """Accumulates clients of one structure (every client must send the same tensor names and shapes).
 
@@ -218,16 +232,30 @@ class Accumulator:
 
     # -- structure --------------------------------------------------------------------------------------
     def _start(self, client: Client) -> None:
+        self.version = client.version
+        self.first_cid = client.cid
+        key = (client.table, self.track)
+        start = _STARTS.get(key)
+        if start is not None:  # an accumulator that started from this table before: the same tensors and plan
+            tensors, hit = start
+            self.tensors = {t.name: t.copy() for t in tensors}
+            self.order = list(self.tensors)
+            self.acc = np.zeros(sum(t.numel for t in tensors), np.float32)
+            self._relayout_sums()
+            self._plans[client.table] = hit
+            return
         off = 0
         for e in client.tensors:
-            t = _Tensor(e, off, client.cid)
+            t = _Tensor(e, off)
             self.tensors[e.name] = t
             self.order.append(e.name)
             off += t.numel
         self.acc = np.zeros(off, np.float32)
-        self.version = client.version
-        self.first_cid = client.cid
         self._relayout_sums()
+        hit = self._plan_for(client)
+        if len(_STARTS) >= _MAX_STARTS:
+            del _STARTS[next(iter(_STARTS))]  # the oldest
+        _STARTS[key] = (tuple(self.tensors[n].copy() for n in self.order), hit)
 
     def _relayout_sums(self, old=None) -> None:
         """Reallocate wsum/counts for the tensors' current granularities, carrying old values over."""
@@ -267,7 +295,7 @@ class Accumulator:
                                        f"{client_label(self.first_cid)}{self.label}", client=cid, tensor=e.name)
             if tuple(e.shape) != t.shape:
                 raise AggregationError(f"{client_label(cid)}, tensor {e.name!r}: shape {tuple(e.shape)} differs from "
-                                       f"{t.shape} of {client_label(t.first)}{self.label}", client=cid, tensor=e.name)
+                                       f"{t.shape} of {client_label(self.first_cid)}{self.label}", client=cid, tensor=e.name)
             seen.add(e.name)
         missing = [n for n in self.order if n not in seen]
         if missing:
