@@ -8,6 +8,7 @@ void init_quant(py::module_& m);
 void init_wire(py::module_& m);
 void init_crc32(py::module_& m);
 void init_aggregate(py::module_& m);
+void init_finish(py::module_& m);
 void init_attention(py::module_& m);
 void init_attention_probs(py::module_& m);
 void init_attention_fused(py::module_& m);
@@ -44,6 +45,7 @@ PYBIND11_MODULE(_C, m) {
   init_wire(m);
   init_crc32(m);
   init_aggregate(m);
+  init_finish(m);
   init_attention(m);
   init_attention_probs(m);
   init_attention_fused(m);

@@ -229,6 +229,7 @@ class Accumulator:
         self.version = None
         self.first_cid = None
         self._plans: dict = {}
+        self._unit_rows = None  # _normalise's rows for the current granularities
 
     # -- structure --------------------------------------------------------------------------------------
     def _start(self, client: Client) -> None:
@@ -281,6 +282,7 @@ class Accumulator:
             t.wsum_off, t.n_units = o, t.units()
         self.wsum, self.counts = wsum, counts
         self._plans.clear()
+        self._unit_rows = None
 
     def _check(self, client: Client) -> None:
         cid = client.cid
@@ -468,7 +470,8 @@ class Accumulator:
                 sent = units if kind == KIND_ELEMENTS else np.ones(t.numel, bool)
             updates.append((t, row, x, wel, sent, units, wu))
         for t, row, x, wel, sent, units, wu in updates:
-            self.acc[t.acc_off:t.acc_off + t.numel] += np.where(sent, x * (wel * np.float32(scale)), 0)
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is named by finish, as the kernel's
+                self.acc[t.acc_off:t.acc_off + t.numel] += np.where(sent, x * (wel * np.float32(scale)), 0)
             if row[C_WSUM] < 0:
                 continue
             o = int(row[C_WSUM])
@@ -522,49 +525,55 @@ class Accumulator:
         self.flush()
         self.check_base(base)
         total = self.total_weight
+        headwise = method == "headwise"
         tensors, covered, head_counts, head_weights = {}, {}, {}, {}
         if self.track:  # every tensor's sums at once; the loop below takes slices
-            inv_all = np.divide(np.float32(1), self.wsum, out=np.zeros_like(self.wsum), where=self.wsum > 0)
             counts_all = np.rint(self.counts).astype(np.int32)
             share_all = self.wsum / np.float32(total)
+        if headwise:  # per unit: divided by its weight sum (0 where nobody sent it)
+            factors = np.divide(np.float32(1), self.wsum, out=np.zeros_like(self.wsum), where=self.wsum > 0)
+        else:  # fedavg: what a client did not send counts as base (0 without base)
+            factors = np.array([1 / total], np.float32)
+        self._normalise(factors, headwise)
         for n in self.order:
             t = self.tensors[n]
             a = self.acc[t.acc_off:t.acc_off + t.numel]
-            b = None
-            if base is not None and n in base:
-                b = np.asarray(base[n], dtype=np.float32).reshape(-1)
             units = slice(t.wsum_off, t.wsum_off + t.n_units)
-            ws = self.wsum[units] if self.track else None
             if self.track and t.mode == PER_HEAD:
                 head_counts[n] = counts_all[units]
                 head_weights[n] = share_all[units]
-            if method == "headwise":
-                pos = None
-                if t.mode == PER_HEAD:  # per-head divide without a full-size temporary
-                    _per_head(a, t)[...] *= _per_head(inv_all[units], t, axis=True)
-                elif t.mode == PER_TENSOR:
-                    a *= np.float32(1 / ws[0]) if ws[0] > 0 else np.float32(0)
-                else:
-                    pos = ws > 0
-                    np.divide(a, ws, out=a, where=pos)
-                if b is not None or want_covered:
-                    pos = t.expand(ws) > 0 if pos is None else pos
-                    if b is not None and not pos.all():
-                        a[~pos] = b[~pos]
-                    if want_covered:
-                        covered[n] = pos
-            else:  # fedavg: what a client did not send counts as base (0 without base)
-                a *= np.float32(1 / total)
+            b = np.asarray(base[n], dtype=np.float32).reshape(-1) if base is not None and n in base else None
+            if headwise and (b is not None or want_covered):
+                pos = t.expand(self.wsum[units]) > 0
+                if b is not None and not pos.all():
+                    a[~pos] = b[~pos]
+                if want_covered:
+                    covered[n] = pos
+            elif not headwise:
                 if b is not None and self.track:  # exact base where nobody sent, no base where all did
-                    a += b * (np.float32(1) - t.expand(ws) * np.float32(1 / total))
+                    a += b * (np.float32(1) - t.expand(self.wsum[units]) * np.float32(1 / total))
+                    if not np.isfinite(a).all():
+                        raise _overflow(n)
                 if want_covered:
                     covered[n] = np.ones(t.numel, bool)
             tensors[n] = a.reshape(t.shape)
-        if not np.isfinite(self.acc).all():
-            bad = next(n for n in self.order if not np.isfinite(tensors[n]).all())
-            raise AggregationError(f"tensor {bad!r}: the aggregate overflowed float32 (weights or values too large)",
-                                   tensor=bad)
         return tensors, covered, head_counts, head_weights
+
+    def _normalise(self, factors: np.ndarray, per_unit: bool) -> None:
+        """acc *= factors[wsum_off + unit] per unit of each tensor (per_unit), else acc *= factors[0], one row per
+        tensor; raises for the first tensor whose result is not finite."""
+        if self._unit_rows is None:
+            self._unit_rows = np.array([(t.acc_off,) + (matrix_view(t.shape, t.hkind) if t.mode == PER_HEAD
+                                                          else (1, t.numel)) + (t.H, t.mode, t.hkind, t.wsum_off)
+                                        for t in (self.tensors[n] for n in self.order)], np.int64).reshape(-1, 7)
+        rows = self._unit_rows
+        if not per_unit:
+            rows = rows.copy()
+            rows[:, 4:7:2] = (PER_TENSOR, 0)  # mode, factor offset: factors[0] everywhere
+        native = _backend.native
+        bad = (native.scale_units if native is not None else scale_units_numpy)(self.acc, factors, rows)
+        if bad >= 0:  # rows are in self.order
+            raise _overflow(self.order[bad])
 
     def dtypes(self) -> dict:
         return {n: self.tensors[n].dtype for n in self.order}
@@ -581,13 +590,30 @@ def _tensor_rows(client: Client):
     return np.array(rows, np.int64)
 
 
-def _per_head(a: np.ndarray, t: _Tensor, axis: bool = False) -> np.ndarray:
-    """A per-head tensor's elements as [H, n] (head rows) or [rows, H, n] (head columns), or with axis=True
-    per-head values [H] shaped to broadcast against that view."""
-    r, c = matrix_view(t.shape, t.hkind)
-    if t.hkind == KIND_HEAD_ROWS:
-        return a.reshape(t.H, 1) if axis else a.reshape(t.H, -1)
-    return a.reshape(1, t.H, 1) if axis else a.reshape(r, t.H, c // t.H)
+def scale_units_numpy(acc: np.ndarray, factors: np.ndarray, rows: np.ndarray) -> int:
+    """_C.scale_units in numpy: acc (float32 [n]) *= factors (float32) per unit; rows int64 [k, 7] of (acc_offset,
+    rows, cols, n_heads, mode, head kind, factor_offset). Returns the first row left with a value that is not
+    finite, else -1."""
+    bad = -1
+    for i, (off, r, c, h, mode, hkind, f0) in enumerate(rows.tolist()):
+        a = acc[off:off + r * c]
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is the return value
+            if mode == PER_TENSOR:
+                a *= factors[f0]
+            elif mode == PER_ELEMENT:
+                a *= factors[f0:f0 + r * c]
+            elif hkind == KIND_HEAD_ROWS:  # per-head multiply without a full-size temporary
+                a.reshape(h, -1)[...] *= factors[f0:f0 + h, None]
+            else:
+                a.reshape(r, h, c // h)[...] *= factors[f0:f0 + h, None]
+        if bad < 0 and not np.isfinite(a).all():
+            bad = i
+    return bad
+
+
+def _overflow(name: str) -> AggregationError:
+    return AggregationError(f"tensor {name!r}: the aggregate overflowed float32 (weights or values too large)",
+                            tensor=name)
 
 
 # -- head scores: a flat vector per client plus a cached index, so the per-payload cost is one gather --------
