@@ -260,6 +260,9 @@ Plan build_plan(const In& payload, const py::buffer_info& pi, int64_t gs, const 
     }
 
     const uint8_t* mask = all_kept ? nullptr : payload.ptr + p[cMaskOff];
+    int64_t n_set = all_kept ? nbits : 0;  // one allocation for the units, not one per doubling
+    for (int64_t b = 0; !all_kept && b < (nbits + 7) / 8; ++b) n_set += __builtin_popcount(mask[b]);
+    t.units.reserve(size_t(n_set));
     for (int64_t b = 0; b < nbits; ++b)
       if (all_kept || (mask[b >> 3] >> (b & 7) & 1)) t.units.push_back(b);
     const int64_t ku = int64_t(t.units.size());
@@ -339,10 +342,18 @@ struct U8Avx512 {
 };
 #endif
 
+// walk_u8's usual case: every piece a whole group of 64 codes (runs of whole groups, starting on one).
+inline bool whole_groups(const Tensor& t, int64_t k0, int64_t gs) { return gs == 64 && t.seg_len % 64 == 0 && k0 % 64 == 0; }
+
+struct NoFold {
+  FS_ALWAYS_INLINE void block(const uint8_t*) {}
+};
+
 // One walk over an item's compact range [k0, k0 + cnt), cut where a run (head block) or a quantization group
-// ends; each piece is one Isa::fma with a constant factor.
-template <class Isa>
-FS_ALWAYS_INLINE void walk_u8(const Tensor& t, int64_t k0, int64_t cnt, int64_t gs, float scale) {
+// ends; each piece is one Isa::fma with a constant factor. In the whole_groups case, fold.block(codes) sees
+// each whole group's 64 codes in order just before its multiply-add (the last group, if partial, it does not).
+template <class Isa, class Fold = NoFold>
+FS_ALWAYS_INLINE void walk_u8(const Tensor& t, int64_t k0, int64_t cnt, int64_t gs, float scale, Fold&& fold = Fold()) {
   const uint8_t* scales = t.values + 4;
   const uint8_t* codes = t.codes(gs);
   const float tstep = load_f32le(t.values) * scale;
@@ -356,12 +367,13 @@ FS_ALWAYS_INLINE void walk_u8(const Tensor& t, int64_t k0, int64_t cnt, int64_t 
     start = t.segment_start(++s, &unit);
     wu = tstep * t.w[unit];
   };
-  if (gs == 64 && t.seg_len % 64 == 0 && k0 % 64 == 0) {  // the usual case: every piece a whole group of 64
+  if (whole_groups(t, k0, gs)) {  // only the last piece may be less than a group: segments are whole groups
     while (k < end) {
       const int64_t seg_end = std::min(k + t.seg_len - off, end);
       float* dst = t.acc + start + off;
       for (; k + 64 <= seg_end; k += 64, dst += 64) {
         __builtin_prefetch(codes + k + kPrefetch);
+        fold.block(codes + k);
         Isa::fma(dst, codes + k, 64, Isa::h2f(load_u16le(scales + 2 * (k >> 6))) * wu);
       }
       if (k < seg_end) Isa::fma(dst, codes + k, seg_end - k, Isa::h2f(load_u16le(scales + 2 * (k >> 6))) * wu);
@@ -393,6 +405,35 @@ FS_TARGET_AVX512 void run_u8_avx512(const Tensor& t, int64_t k0, int64_t cnt, in
 }
 #endif
 
+#if defined(FS_X86) && defined(FS_CRC_FOLD512)
+#define FS_TARGET_AVX512_CRC __attribute__((target("avx512f,avx512vl,vpclmulqdq,avx2,fma,f16c")))
+// The CRC-32 of the codes folded 64 bytes at a time as the multiply-add reads them (accumulate(check_crc)):
+// each byte is then loaded once for both, and the fold hides under the multiply-add.
+struct Fold512 {
+  uint32_t crc;  // of the bytes before the first block
+  __m512i z;
+  bool started = false;
+  FS_TARGET_AVX512_CRC explicit Fold512(uint32_t c) : crc(c), z(_mm512_setzero_si512()) {}
+  FS_TARGET_AVX512_CRC void block(const uint8_t* p) {
+    z = started ? crc32_fold_next(z, p) : crc32_fold_first(crc, p);
+    started = true;
+  }
+  FS_TARGET_AVX512_CRC uint32_t finish() const {
+    if (!started) return crc;
+    alignas(64) uint8_t state[64];
+    _mm512_store_si512(state, z);
+    return crc32_fold_finish(state);
+  }
+};
+// walk_u8 on AVX-512 in the whole_groups case: *crc (of the payload's bytes before codes + k0) is carried
+// through the codes of the whole groups of [k0, k0 + cnt), codes + k0 + 64 * (cnt / 64).
+FS_TARGET_AVX512_CRC void run_u8_avx512_crc(const Tensor& t, int64_t k0, int64_t cnt, float scale, uint32_t* crc) {
+  Fold512 fold(*crc);
+  walk_u8<U8Avx512>(t, k0, cnt, 64, scale, fold);
+  *crc = fold.finish();
+}
+#endif
+
 void run_u8(const Tensor& t, int64_t k0, int64_t cnt, int64_t gs, float scale, int level) {
 #ifdef FS_X86
   if (level >= 2) return run_u8_avx512(t, k0, cnt, gs, scale);
@@ -401,11 +442,17 @@ void run_u8(const Tensor& t, int64_t k0, int64_t cnt, int64_t gs, float scale, i
   run_u8_scalar(t, k0, cnt, gs, scale);
 }
 
-// acc += scale * w * values for the compact elements [k0, k0 + cnt) of one tensor (any range).
+// acc += scale * w * values for the compact elements [k0, k0 + cnt) of one tensor (any range). crc: see
+// run_u8_avx512_crc, for a range can_fold_crc says it may take.
 void run_range(const Tensor& t, int64_t k0, int64_t cnt, int64_t gs, float scale, std::vector<float>& buf,
-               int level) {
+               int level, uint32_t* crc = nullptr) {
   if (cnt <= 0) return;
   if (t.bits == 8) {
+#if defined(FS_X86) && defined(FS_CRC_FOLD512)
+    if (crc) {
+      run_u8_avx512_crc(t, k0, cnt, scale, crc);
+    } else
+#endif
     run_u8(t, k0, cnt, gs, scale, level);
   } else {
     const int64_t piece = t.bits <= 8 ? gs : kChunk;  // decode one quantization group (or chunk) at a time
@@ -530,6 +577,13 @@ struct CrcSplit {
     c = crc32_update(c, base[b] + cursor[b], to - cursor[b]);
     cursor[b] = to;
   }
+  // Run r's CRC of payload b carried on to byte c0, for a multiply-add that folds the 8-bit codes [c0, c1) into
+  // it itself (run_range's crc), or nullptr where it may not: the range must go on from the cursor through c1.
+  uint32_t* fold_from(int64_t r, size_t b, int64_t c0, int64_t c1, std::vector<int64_t>& cursor) {
+    if (c0 < cursor[b] || c1 > bound[b * (n_runs + 1) + size_t(r) + 1]) return nullptr;
+    to(r, b, c0, cursor);
+    return &part[b * n_runs + size_t(r)];
+  }
   void finish(int64_t r, std::vector<int64_t>& cursor) {
     for (size_t b = 0; b < base.size(); ++b) to(r, b, bound[b * (n_runs + 1) + size_t(r) + 1], cursor);
   }
@@ -548,6 +602,20 @@ struct CrcSplit {
       FS_CHECK(!bad[b], "payload " + std::to_string(b) + ": CRC mismatch: payload corrupted or truncated");
   }
 };
+
+// True when every payload's tensors go to the same accumulator ranges in the same order, ascending and disjoint.
+bool same_targets(const std::vector<Plan>& batch) {
+  if (batch.empty()) return false;
+  const std::vector<Tensor>& first = batch[0].tensors;
+  for (size_t i = 0; i < first.size(); ++i)
+    if (i > 0 && first[i - 1].acc + first[i - 1].R * first[i - 1].C > first[i].acc) return false;
+  for (const Plan& p : batch) {
+    if (p.tensors.size() != first.size()) return false;
+    for (size_t i = 0; i < first.size(); ++i)
+      if (p.tensors[i].acc != first[i].acc || p.tensors[i].R * p.tensors[i].C != first[i].R * first[i].C) return false;
+  }
+  return true;
+}
 
 void accumulate(const py::sequence& payloads, const py::sequence& plans, const py::sequence& weights,
                 const py::sequence& scales_seq, const py::sequence& group_sizes, const py::buffer& acc_b,
@@ -633,7 +701,15 @@ void accumulate(const py::sequence& payloads, const py::sequence& plans, const p
   // Tensors of different payloads that share an accumulator range are folded together.
   std::vector<std::vector<std::pair<int32_t, int32_t>>> groups;  // (payload, tensor) per output tensor
   std::vector<std::pair<const float*, int64_t>> group_dst;
-  {
+  if (same_targets(batch)) {  // the usual case: output tensor i is tensor i of every payload, no sort
+    for (size_t i = 0; i < batch[0].tensors.size(); ++i) {
+      const Tensor& t = batch[0].tensors[i];
+      group_dst.emplace_back(t.acc, t.R * t.C);
+      groups.emplace_back();
+      groups.back().reserve(B);
+      for (size_t b = 0; b < B; ++b) groups.back().emplace_back(int32_t(b), int32_t(i));
+    }
+  } else {
     std::vector<std::tuple<const float*, int64_t, int32_t, int32_t>> all;
     for (size_t b = 0; b < B; ++b)
       for (size_t i = 0; i < batch[b].tensors.size(); ++i) {
@@ -691,6 +767,11 @@ void accumulate(const py::sequence& payloads, const py::sequence& plans, const p
   const int64_t n_runs = (n_units + run - 1) / run;
   CrcSplit crc = check_crc ? CrcSplit(views, batch, groups, units, run) : CrcSplit();
   std::vector<std::vector<int64_t>> cursors(size_t(threads), std::vector<int64_t>(check_crc ? B : 0));
+#if defined(FS_X86) && defined(FS_CRC_FOLD512)
+  const bool fold_crc = check_crc && level >= 2 && crc32_can_fold512();
+#else
+  const bool fold_crc = false;
+#endif
   parallel_units(n_runs, threads, [&](int64_t r, int tid) {
     std::vector<float>& buf = bufs[size_t(tid)];
     std::vector<int64_t>& cursor = cursors[size_t(tid)];
@@ -701,7 +782,18 @@ void accumulate(const py::sequence& payloads, const py::sequence& plans, const p
         const Plan& p = batch[size_t(b)];
         const Tensor& t = p.tensors[size_t(i)];
         const int64_t ka = t.compact_pos(un.e0), kb = t.compact_pos(un.e1);
-        if (check_crc && kb > ka) crc.to(r, size_t(b), code_bytes(t, crc.base[size_t(b)], p.gs, ka, kb).second, cursor);
+        uint32_t* fold = nullptr;
+        if (check_crc && kb > ka) {
+          const auto [c0, c1] = code_bytes(t, crc.base[size_t(b)], p.gs, ka, kb);
+          if (fold_crc && t.bits == 8 && whole_groups(t, ka, p.gs)) fold = crc.fold_from(r, size_t(b), c0, c1, cursor);
+          if (fold) {  // the codes' whole groups are folded in by the multiply-add, the rest here after it
+            run_range(t, ka, kb - ka, p.gs, scale[size_t(b)], buf, level, fold);
+            cursor[size_t(b)] = c0 + 64 * ((kb - ka) / 64);
+            crc.to(r, size_t(b), c1, cursor);
+            continue;
+          }
+          crc.to(r, size_t(b), c1, cursor);
+        }
         run_range(t, ka, kb - ka, p.gs, scale[size_t(b)], buf, level);
       }
     }

@@ -51,13 +51,6 @@ bool cpu_has_vpclmul() {
 const bool kHasClmul = cpu_has_clmul();
 const bool kHasVpclmul = cpu_has_vpclmul();
 
-// z * x^distance + next, lane by lane (k: the distance's two constants in every lane).
-__attribute__((target("avx512f,avx512vl,vpclmulqdq"), always_inline)) inline __m512i fold512(__m512i z, __m512i k,
-                                                                                          __m512i next) {
-  return _mm512_ternarylogic_epi64(_mm512_clmulepi64_epi128(z, k, 0x00), _mm512_clmulepi64_epi128(z, k, 0x11), next,
-                                   0x96);
-}
-
 // The same folding, sixteen 128-bit lanes at a time (four zmm registers, 256 bytes a step; the constants are
 // x^(2048 +- 32) mod P, bit-reflected, as the paper derives its 64-byte ones), then the four registers folded
 // into one: lanes[] is then the state of the 64-byte loop below after len bytes. len: a multiple of 256, >= 256.
@@ -69,24 +62,23 @@ __attribute__((target("avx512f,avx512vl,vpclmulqdq,pclmul,sse4.1"))) void fold_a
           z3 = _mm512_loadu_si512(buf + 192);
   z0 = _mm512_xor_si512(z0, _mm512_zextsi128_si512(_mm_cvtsi32_si128(int(crc))));
   for (int64_t i = 256; i < len; i += 256) {
-    z0 = fold512(z0, k256, _mm512_loadu_si512(buf + i));
-    z1 = fold512(z1, k256, _mm512_loadu_si512(buf + i + 64));
-    z2 = fold512(z2, k256, _mm512_loadu_si512(buf + i + 128));
-    z3 = fold512(z3, k256, _mm512_loadu_si512(buf + i + 192));
+    z0 = crc32_fold512(z0, k256, _mm512_loadu_si512(buf + i));
+    z1 = crc32_fold512(z1, k256, _mm512_loadu_si512(buf + i + 64));
+    z2 = crc32_fold512(z2, k256, _mm512_loadu_si512(buf + i + 128));
+    z3 = crc32_fold512(z3, k256, _mm512_loadu_si512(buf + i + 192));
   }
-  z3 = fold512(fold512(fold512(z0, k64, z1), k64, z2), k64, z3);
+  z3 = crc32_fold512(crc32_fold512(crc32_fold512(z0, k64, z1), k64, z2), k64, z3);
   lanes[0] = _mm512_extracti32x4_epi32(z3, 0);
   lanes[1] = _mm512_extracti32x4_epi32(z3, 1);
   lanes[2] = _mm512_extracti32x4_epi32(z3, 2);
   lanes[3] = _mm512_extracti32x4_epi32(z3, 3);
 }
 
+uint32_t crc32_reduce(__m128i x1, __m128i x2, __m128i x3, __m128i x4, const uint8_t* buf, int64_t len);
+
 // Folds len bytes (len >= 64, a multiple of 16) into the running crc; crc is in the inverted domain.
 __attribute__((target("pclmul,sse4.1"))) uint32_t crc32_clmul(uint32_t crc, const uint8_t* buf, int64_t len) {
   alignas(16) static const uint64_t k1k2[] = {0x0154442bd4, 0x01c6e41596};
-  alignas(16) static const uint64_t k3k4[] = {0x01751997d0, 0x00ccaa009e};
-  alignas(16) static const uint64_t k5k0[] = {0x0163cd6124, 0x0000000000};
-  alignas(16) static const uint64_t poly[] = {0x01db710641, 0x01f7011641};
   __m128i x0, x1, x2, x3, x4, x5, x6, x7, x8;
   if (kHasVpclmul && len >= 512) {
     __m128i lanes[4];
@@ -121,6 +113,17 @@ __attribute__((target("pclmul,sse4.1"))) uint32_t crc32_clmul(uint32_t crc, cons
     buf += 64;
     len -= 64;
   }
+  return crc32_reduce(x1, x2, x3, x4, buf, len);
+}
+
+// The four lanes of the 64-byte loop (the state after a multiple of 64 bytes) folded into one, then the last
+// len < 64 bytes (a multiple of 16) 16 at a time, then 128 -> 64 bits and Barrett reduction to 32.
+__attribute__((target("pclmul,sse4.1"))) uint32_t crc32_reduce(__m128i x1, __m128i x2, __m128i x3, __m128i x4,
+                                                              const uint8_t* buf, int64_t len) {
+  alignas(16) static const uint64_t k3k4[] = {0x01751997d0, 0x00ccaa009e};
+  alignas(16) static const uint64_t k5k0[] = {0x0163cd6124, 0x0000000000};
+  alignas(16) static const uint64_t poly[] = {0x01db710641, 0x01f7011641};
+  __m128i x0, x5;
   x0 = _mm_load_si128(reinterpret_cast<const __m128i*>(k3k4));  // fold the four lanes into one
   for (__m128i next : {x2, x3, x4}) {
     x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
@@ -168,6 +171,15 @@ uint32_t crc32_portable(uint32_t crc, const uint8_t* p, int64_t n) {
 }
 
 uint32_t crc32(const uint8_t* p, int64_t n) { return crc32_update(0, p, n); }
+
+#ifdef FS_HAVE_CLMUL
+bool crc32_can_fold512() { return kHasVpclmul; }
+
+uint32_t crc32_fold_finish(const uint8_t* state) {
+  const auto lane = [state](int i) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(state + 16 * i)); };
+  return ~crc32_reduce(lane(0), lane(1), lane(2), lane(3), nullptr, 0);
+}
+#endif
 
 uint32_t crc32_update(uint32_t crc, const uint8_t* p, int64_t n) {
 #ifdef FS_HAVE_CLMUL
