@@ -9,6 +9,7 @@
 #include <array>
 #include <cmath>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "common.h"
@@ -35,10 +36,10 @@ struct Reader {
   const uint8_t* buf;
   int64_t pos, end;
   int64_t tensor = -1;                // header of tensor #tensor being read, or -1
-  const std::string* name = nullptr;  // the tensor whose mask / values are being read
+  std::string_view name;  // the tensor whose mask / values are being read, or empty
 
   std::string where(const char* field) const {
-    if (name) return field + ("'" + *name + "'");
+    if (!name.empty()) return field + ("'" + std::string(name) + "'");
     if (tensor >= 0) return "tensor #" + std::to_string(tensor) + field;
     return field;
   }
@@ -84,8 +85,8 @@ bool scales_ok(const uint8_t* p, int64_t g) {
   return !bad;
 }
 
-void check_values(const uint8_t* p, int64_t n_kept, int bits, int64_t gs, const std::string& name) {
-  const auto label = [&] { return "'" + name + "'"; };
+void check_values(const uint8_t* p, int64_t n_kept, int bits, int64_t gs, std::string_view name) {
+  const auto label = [&] { return "'" + std::string(name) + "'"; };
   if (bits == 32) {
     for (int64_t i = 0; i < n_kept; ++i)
       if (!std::isfinite(load_f32le(p + 4 * i))) throw ParseError("values of " + label() + " contain NaN or Inf");
@@ -108,7 +109,7 @@ void check_values(const uint8_t* p, int64_t n_kept, int bits, int64_t gs, const 
 }
 
 struct Head {
-  std::string name;
+  size_t name_at, name_len;  // in Parsed::names
   int dtype, bits, kind;
   bool is_meta;
   int64_t n_heads;
@@ -117,18 +118,22 @@ struct Head {
   int64_t numel;
 };
 
-py::tuple entry_tuple(const Head& h, const std::array<int64_t, 5>& s) {
-  py::tuple shape(h.ndim);
-  for (int d = 0; d < h.ndim; ++d) shape[d] = h.shape[size_t(d)];
-  return py::make_tuple(py::bytes(h.name), h.dtype, h.bits, h.kind, h.is_meta, h.n_heads, shape, s[0], s[1], s[2], s[3],
-                        s[4]);
-}
-
 struct Parsed {
   int64_t version = 0, group_size = 0, meta_offset = 0, meta_len = 0, table_end = 0;
+  std::string names;  // every tensor's name, one after the other (one allocation, not one per name)
   std::vector<Head> heads;
   std::vector<std::array<int64_t, 5>> spans;  // mask_offset, mask_nbits, n_kept, data_offset, data_nbytes
+
+  std::string_view name(const Head& h) const { return std::string_view(names).substr(h.name_at, h.name_len); }
 };
+
+py::tuple entry_tuple(const Parsed& p, const Head& h, const std::array<int64_t, 5>& s) {
+  py::tuple shape(h.ndim);
+  for (int d = 0; d < h.ndim; ++d) shape[d] = h.shape[size_t(d)];
+  const std::string_view name = p.name(h);
+  return py::make_tuple(py::bytes(name.data(), name.size()), h.dtype, h.bits, h.kind, h.is_meta, h.n_heads, shape, s[0], s[1], s[2], s[3],
+                        s[4]);
+}
 
 // The parser proper: no Python, so it runs without the GIL and in parallel. verify=false skips the value
 // checks (for re-reading the table of a payload already verified), crc=false the CRC (verify=false implies it:
@@ -152,20 +157,26 @@ void parse_into(const uint8_t* buf, int64_t n, int64_t max_elements, bool verify
   Reader r{buf, kHeaderSize, n - kCrcSize};
   out.meta_offset = r.take(out.meta_len, "metadata");
 
-  std::string prev;
+  size_t prev_at = 0, prev_len = 0;  // the previous name, in out.names
   int64_t total = 0;
   out.heads.reserve(size_t(std::min(n_tensors, (n - r.pos) / 6)));  // a table entry takes >= 6 bytes
+  out.spans.reserve(out.heads.capacity());
+  out.names.reserve(out.heads.capacity() * 48);
   for (int64_t i = 0; i < n_tensors; ++i) {
     r.tensor = i;
     const auto what = [i] { return "tensor #" + std::to_string(i); };
     Head h;
-    const int64_t prefix = r.varint(" name prefix", int64_t(prev.size()));
+    const int64_t prefix = r.varint(" name prefix", int64_t(prev_len));
     const int64_t suffix = r.varint(" name length", kMaxNameBytes - prefix);
     const int64_t at = r.take(suffix, " name");
-    h.name.assign(prev, 0, size_t(prefix));
-    h.name.append(reinterpret_cast<const char*>(buf + at), size_t(suffix));
-    if (h.name.empty()) throw ParseError(what() + " has an empty name");
-    prev = h.name;
+    h.name_at = out.names.size();
+    h.name_len = size_t(prefix + suffix);
+    if (h.name_len == 0) throw ParseError(what() + " has an empty name");
+    out.names.resize(h.name_at + h.name_len);  // the previous name's prefix, then the new suffix
+    std::memmove(&out.names[h.name_at], out.names.data() + prev_at, size_t(prefix));
+    std::memcpy(&out.names[h.name_at + size_t(prefix)], buf + at, size_t(suffix));
+    prev_at = h.name_at;
+    prev_len = h.name_len;
     h.dtype = r.u8(" dtype");
     h.bits = r.u8(" bits");
     const int flags = r.u8(" flags");
@@ -202,21 +213,39 @@ void parse_into(const uint8_t* buf, int64_t n, int64_t max_elements, bool verify
   }
 
   out.table_end = r.pos;
-  for (const Head& h : out.heads) {
-    r.name = &h.name;
-    const int64_t nbits = (h.kind == 1 || h.kind == 2) ? h.n_heads : (h.kind == 3 ? h.numel : 0);
-    const int64_t mask_offset = r.take((nbits + 7) / 8, "mask of ");
-    if (nbits % 8 && (buf[mask_offset + nbits / 8] >> (nbits % 8)))
-      throw ParseError("mask of '" + h.name + "' has non-zero padding bits");
-    const int64_t kept = popcount_bits(buf + mask_offset, nbits);
-    const int64_t n_kept = h.kind == 0 ? h.numel : (h.kind == 3 ? kept : kept * (h.numel / h.n_heads));
-    const int64_t size = values_nbytes(n_kept, h.bits, out.group_size);
-    const int64_t data_offset = r.take(size, "values of ");
-    if (verify) check_values(buf + data_offset, n_kept, h.bits, out.group_size, h.name);
-    out.spans.push_back({mask_offset, nbits, n_kept, data_offset, size});
+  // Where each tensor's mask and values lie: a chain (each mask's count gives the next one's offset). The value
+  // checks come after it, with every tensor's scales asked for at once; a structural error still comes after
+  // the value errors of the tensors before it, as in one pass.
+  const auto check_values_of = [&](size_t n) {
+    for (size_t i = 0; verify && i < n; ++i) {
+      const auto& s = out.spans[i];
+      const int64_t bits = out.heads[i].bits, lines = bits <= 8 ? 4 + 2 * ((s[2] + out.group_size - 1) / out.group_size) : 0;
+      for (int64_t at = 0; at < lines; at += 64) __builtin_prefetch(buf + s[3] + at);
+      if (s[4]) __builtin_prefetch(buf + s[3] + s[4] - 1);  // the padding byte
+    }
+    for (size_t i = 0; verify && i < n; ++i)
+      check_values(buf + out.spans[i][3], out.spans[i][2], out.heads[i].bits, out.group_size, out.name(out.heads[i]));
+  };
+  try {
+    for (const Head& h : out.heads) {
+      r.name = out.name(h);
+      const int64_t nbits = (h.kind == 1 || h.kind == 2) ? h.n_heads : (h.kind == 3 ? h.numel : 0);
+      const int64_t mask_offset = r.take((nbits + 7) / 8, "mask of ");
+      if (nbits % 8 && (buf[mask_offset + nbits / 8] >> (nbits % 8)))
+        throw ParseError("mask of '" + std::string(out.name(h)) + "' has non-zero padding bits");
+      const int64_t kept = popcount_bits(buf + mask_offset, nbits);
+      const int64_t n_kept = h.kind == 0 ? h.numel : (h.kind == 3 ? kept : kept * (h.numel / h.n_heads));
+      const int64_t size = values_nbytes(n_kept, h.bits, out.group_size);
+      const int64_t data_offset = r.take(size, "values of ");
+      out.spans.push_back({mask_offset, nbits, n_kept, data_offset, size});
+    }
+    if (r.pos != r.end)
+      throw ParseError(std::to_string(r.end - r.pos) + " bytes of trailing garbage after the last tensor");
+  } catch (const ParseError&) {
+    check_values_of(out.spans.size());
+    throw;
   }
-  if (r.pos != r.end)
-    throw ParseError(std::to_string(r.end - r.pos) + " bytes of trailing garbage after the last tensor");
+  check_values_of(out.spans.size());
 }
 
 // compact=false: (version, group_size, meta_offset, meta_len, entries) with a tuple per entry. compact=true:
@@ -226,7 +255,7 @@ void parse_into(const uint8_t* buf, int64_t n, int64_t max_elements, bool verify
 py::tuple to_python(const Parsed& p, bool compact) {
   py::list entries;
   if (!compact) {
-    for (size_t i = 0; i < p.heads.size(); ++i) entries.append(entry_tuple(p.heads[i], p.spans[i]));
+    for (size_t i = 0; i < p.heads.size(); ++i) entries.append(entry_tuple(p, p.heads[i], p.spans[i]));
     return py::make_tuple(p.version, p.group_size, p.meta_offset, p.meta_len, entries);
   }
   py::array_t<int64_t> table({py::ssize_t(p.heads.size()), py::ssize_t(5)});
@@ -238,7 +267,7 @@ py::tuple to_python(const Parsed& p, bool compact) {
     t[5 * i + 2] = p.heads[i].bits;
     t[5 * i + 3] = s[3];
     t[5 * i + 4] = s[4];
-    if (p.heads[i].is_meta) entries.append(py::make_tuple(i, entry_tuple(p.heads[i], s)));
+    if (p.heads[i].is_meta) entries.append(py::make_tuple(i, entry_tuple(p, p.heads[i], s)));
   }
   return py::make_tuple(p.version, p.group_size, p.meta_offset, p.meta_len, p.table_end, table, entries);
 }
