@@ -364,15 +364,15 @@ class Accumulator:
                 by_sig.setdefault(sig, []).append(i)
         for sig, rows in by_sig.items():
             first = clients[rows[0]]
-            flat = [_score_flat(clients[i].metadata, sig) for i in rows]  # the scores, then 1.0 for "no score"
+            flat = _score_matrix([clients[i].metadata for i in rows], sig)  # the scores, then 1.0 for "no score"
             idx = cache.get(sig)
             if idx is None:
-                idx = np.full(n_slots, flat[0].size - 1, np.int64)
+                idx = np.full(n_slots, flat.shape[1] - 1, np.int64)
                 for name, kind, H, off, nw in slots:
                     if kind in _HEAD_KINDS and head_scores(first.metadata, first.cid, name, H) is not None:
                         idx[off:off + nw] = _locate(first.metadata, sig, name, H)  # validated just above
                 cache[sig] = idx
-            vals = np.stack([f[idx] for f in flat])
+            vals = flat[:, idx]
             ok = (vals.min(axis=1, initial=0.0) >= 0) & np.isfinite(vals.max(axis=1, initial=0.0))  # NaN fails
             for j in np.flatnonzero(~ok):  # name the client and tensor
                 bad = clients[rows[j]]
@@ -650,6 +650,21 @@ def _score_flat(meta: dict, sig) -> np.ndarray:
 
 
 _ONE = np.ones(1)
+
+
+def _score_matrix(metas: list, sig) -> np.ndarray:
+    """float64 [len(metas), n]: _score_flat of each metadata (all of signature sig), one row each; the usual form
+    (one head_scores array each) in one stack."""
+    mods, _, main = sig
+    if not mods and main[0] == "array":
+        try:
+            scores = np.stack([np.asarray(m["head_scores"]) for m in metas]).reshape(len(metas), -1)
+            out = np.ones((len(metas), scores.shape[1] + 1))
+            out[:, :-1] = scores
+            return out
+        except (TypeError, ValueError):  # not numbers: _score_flat gives NaN, which the caller names
+            pass
+    return np.stack([_score_flat(m, sig) for m in metas])
 
 
 def _locate(meta: dict, sig, name: str, H: int) -> np.ndarray:
