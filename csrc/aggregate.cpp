@@ -343,7 +343,9 @@ struct U8Avx512 {
 #endif
 
 // walk_u8's usual case: every piece a whole group of 64 codes (runs of whole groups, starting on one).
-inline bool whole_groups(const Tensor& t, int64_t k0, int64_t gs) { return gs == 64 && t.seg_len % 64 == 0 && k0 % 64 == 0; }
+inline bool whole_groups(const Tensor& t, int64_t k0, int64_t gs) {
+  return gs == 64 && t.seg_len % 64 == 0 && k0 % 64 == 0;
+}
 
 struct NoFold {
   FS_ALWAYS_INLINE void block(const uint8_t*) {}
@@ -442,8 +444,8 @@ void run_u8(const Tensor& t, int64_t k0, int64_t cnt, int64_t gs, float scale, i
   run_u8_scalar(t, k0, cnt, gs, scale);
 }
 
-// acc += scale * w * values for the compact elements [k0, k0 + cnt) of one tensor (any range). crc: see
-// run_u8_avx512_crc, for a range can_fold_crc says it may take.
+// acc += scale * w * values for the compact elements [k0, k0 + cnt) of one tensor (any range). crc: carried
+// through the codes as run_u8_avx512_crc does (8 bits, whole_groups, AVX-512 with VPCLMULQDQ only).
 void run_range(const Tensor& t, int64_t k0, int64_t cnt, int64_t gs, float scale, std::vector<float>& buf,
                int level, uint32_t* crc = nullptr) {
   if (cnt <= 0) return;
@@ -785,7 +787,8 @@ void accumulate(const py::sequence& payloads, const py::sequence& plans, const p
         uint32_t* fold = nullptr;
         if (check_crc && kb > ka) {
           const auto [c0, c1] = code_bytes(t, crc.base[size_t(b)], p.gs, ka, kb);
-          if (fold_crc && t.bits == 8 && whole_groups(t, ka, p.gs)) fold = crc.fold_from(r, size_t(b), c0, c1, cursor);
+          if (fold_crc && t.bits == 8 && whole_groups(t, ka, p.gs))
+            fold = crc.fold_from(r, size_t(b), c0, c1, cursor);
           if (fold) {  // the codes' whole groups are folded in by the multiply-add, the rest here after it
             run_range(t, ka, kb - ka, p.gs, scale[size_t(b)], buf, level, fold);
             cursor[size_t(b)] = c0 + 64 * ((kb - ka) / 64);

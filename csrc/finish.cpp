@@ -68,8 +68,8 @@ bool scale_tensor(const int64_t* p, float* acc, const float* factors) {
 
 int64_t scale_units(const py::buffer& acc_b, const py::buffer& factors_b, const py::buffer& rows_b) {
   py::buffer_info ai = acc_b.request(true), fi = factors_b.request(), ri = rows_b.request();
-  FS_CHECK(ai.format == py::format_descriptor<float>::format() && ai.ndim == 1 && (ai.size == 0 || ai.strides[0] == 4) &&
-               !ai.readonly,
+  FS_CHECK(ai.format == py::format_descriptor<float>::format() && ai.ndim == 1 &&
+               (ai.size == 0 || ai.strides[0] == 4) && !ai.readonly,
            "acc must be a writable contiguous float32 [n]");
   FS_CHECK(fi.format == ai.format && fi.ndim == 1 && (fi.size == 0 || fi.strides[0] == 4),
            "factors must be a contiguous float32 [n]");

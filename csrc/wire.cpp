@@ -131,8 +131,8 @@ py::tuple entry_tuple(const Parsed& p, const Head& h, const std::array<int64_t, 
   py::tuple shape(h.ndim);
   for (int d = 0; d < h.ndim; ++d) shape[d] = h.shape[size_t(d)];
   const std::string_view name = p.name(h);
-  return py::make_tuple(py::bytes(name.data(), name.size()), h.dtype, h.bits, h.kind, h.is_meta, h.n_heads, shape, s[0], s[1], s[2], s[3],
-                        s[4]);
+  return py::make_tuple(py::bytes(name.data(), name.size()), h.dtype, h.bits, h.kind, h.is_meta, h.n_heads, shape,
+                        s[0], s[1], s[2], s[3], s[4]);
 }
 
 // The parser proper: no Python, so it runs without the GIL and in parallel. verify=false skips the value
@@ -219,8 +219,8 @@ void parse_into(const uint8_t* buf, int64_t n, int64_t max_elements, bool verify
   const auto check_values_of = [&](size_t n) {
     for (size_t i = 0; verify && i < n; ++i) {
       const auto& s = out.spans[i];
-      const int64_t bits = out.heads[i].bits, lines = bits <= 8 ? 4 + 2 * ((s[2] + out.group_size - 1) / out.group_size) : 0;
-      for (int64_t at = 0; at < lines; at += 64) __builtin_prefetch(buf + s[3] + at);
+      const int64_t scales = out.heads[i].bits <= 8 ? 4 + 2 * ((s[2] + out.group_size - 1) / out.group_size) : 0;
+      for (int64_t at = 0; at < scales; at += 64) __builtin_prefetch(buf + s[3] + at);
       if (s[4]) __builtin_prefetch(buf + s[3] + s[4] - 1);  // the padding byte
     }
     for (size_t i = 0; verify && i < n; ++i)

@@ -297,7 +297,8 @@ class Accumulator:
                                        f"{client_label(self.first_cid)}{self.label}", client=cid, tensor=e.name)
             if tuple(e.shape) != t.shape:
                 raise AggregationError(f"{client_label(cid)}, tensor {e.name!r}: shape {tuple(e.shape)} differs from "
-                                       f"{t.shape} of {client_label(self.first_cid)}{self.label}", client=cid, tensor=e.name)
+                                       f"{t.shape} of {client_label(self.first_cid)}{self.label}", client=cid,
+                                       tensor=e.name)
             seen.add(e.name)
         missing = [n for n in self.order if n not in seen]
         if missing:
