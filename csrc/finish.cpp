@@ -1,7 +1,7 @@
-// The server's last step: the accumulated sums divided by their weight sums, in place, one factor per unit
-// (tensor, head or element, as the accumulator kept its weight sums), with the check that the result is finite
-// in the same pass. python/fedsparse/server/stream.py (Accumulator.finish) calls it; its numpy fallback there
-// does the same per tensor.
+// The server's last step: the accumulated sums times the reciprocals of their weight sums, in place, one factor
+// per unit (tensor or head, as the accumulator kept its weight sums), with the check that the result is finite
+// in the same pass. python/fedsparse/server/stream.py (Accumulator.finish) calls it; its numpy twin there,
+// scale_units, does the same per tensor. Tensors with a weight sum per element are divided there.
 #include <pybind11/pybind11.h>
 
 #include <cstring>
@@ -18,7 +18,7 @@ namespace {
 
 // Columns of a row: where the tensor's values are, its [rows, cols] view, and how its factors are indexed.
 enum Col { cAccOff, cRows, cCols, cHeads, cMode, cHeadKind, cFactorOff, kCols };
-enum Mode { kPerTensor = 0, kPerHead = 1, kPerElement = 2 };
+enum Mode { kPerTensor = 0, kPerHead = 1 };
 constexpr int64_t kThreadsFrom = 1 << 20;  // elements from which two threads pay for starting one (~20 us)
 
 // x[i] *= f over n values; true if all results are finite (on the bits, so the loop vectorizes).
@@ -26,17 +26,6 @@ bool scale(float* __restrict x, int64_t n, float f) {
   uint32_t bad = 0;
   for (int64_t i = 0; i < n; ++i) {
     const float v = x[i] * f;
-    x[i] = v;
-    uint32_t u;
-    std::memcpy(&u, &v, 4);
-    bad |= uint32_t((u & 0x7f800000u) == 0x7f800000u);
-  }
-  return !bad;
-}
-bool scale_each(float* __restrict x, const float* __restrict f, int64_t n) {
-  uint32_t bad = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = x[i] * f[i];
     x[i] = v;
     uint32_t u;
     std::memcpy(&u, &v, 4);
@@ -53,8 +42,6 @@ bool scale_tensor(const int64_t* p, float* acc, const float* factors) {
   bool ok = true;
   if (p[cMode] == kPerTensor) {
     ok = scale(x, R * C, f[0]);
-  } else if (p[cMode] == kPerElement) {
-    ok = scale_each(x, f, R * C);
   } else if (p[cHeadKind] == kHeadRows) {  // head h: rows [h R/H, (h+1) R/H), contiguous
     const int64_t n = R / H * C;
     for (int64_t h = 0; h < H; ++h) ok &= scale(x + h * n, n, f[h]);
@@ -86,9 +73,7 @@ int64_t scale_units(const py::buffer& acc_b, const py::buffer& factors_b, const 
     FS_CHECK(R >= 0 && C >= 0 && R < (int64_t(1) << 31) && C < (int64_t(1) << 31), at() + "bad shape");
     FS_CHECK(p[cAccOff] >= 0 && p[cAccOff] <= n_acc - R * C, at() + "outside acc");
     int64_t units = 1;
-    if (p[cMode] == kPerElement) {
-      units = R * C;
-    } else if (p[cMode] == kPerHead) {
+    if (p[cMode] == kPerHead) {
       FS_CHECK(p[cHeadKind] == kHeadRows || p[cHeadKind] == kHeadCols, at() + "per-head factors need a head kind");
       FS_CHECK(H >= 1 && (p[cHeadKind] == kHeadRows ? R : C) % H == 0, at() + "n_heads must divide the head axis");
       units = H;
@@ -117,6 +102,6 @@ int64_t scale_units(const py::buffer& acc_b, const py::buffer& factors_b, const 
 void init_finish(py::module_& m) {
   m.def("scale_units", &fedsparse::scale_units, py::arg("acc"), py::arg("factors"), py::arg("rows"),
         "acc *= factor in place, per unit of each tensor; rows int64 [n, 7] of (acc_offset, rows, cols, n_heads, "
-        "mode 0 one factor / 1 one per head / 2 one per element, head kind 1 rows / 2 columns, factor_offset). "
+        "mode 0 one factor / 1 one per head, head kind 1 rows / 2 columns, factor_offset). "
         "Checks every row first. Returns the first row with a value that is not finite afterwards, else -1.");
 }

@@ -1,6 +1,6 @@
 """The aggregate's last step, _C.scale_units and its numpy twin stream.scale_units_numpy, against per-element
-factors built independently, over odd shapes, every mode, empty input and non-finite results; and an overflow
-through aggregate() names its tensor."""
+factors built independently, over odd shapes, both modes, empty input and non-finite results; and an overflow
+through aggregate() names its tensor, whatever the tensor's weight-sum granularity."""
 import numpy as np
 import pytest
 
@@ -10,7 +10,7 @@ from fedsparse.server import AggregationError, aggregate
 from fedsparse.server.stream import scale_units_numpy
 from fedsparse.sparsity import KIND_DENSE, KIND_HEAD_COLS, KIND_HEAD_ROWS
 
-PER_TENSOR, PER_HEAD, PER_ELEMENT = 0, 1, 2
+PER_TENSOR, PER_HEAD = 0, 1
 IMPLS = {"numpy": scale_units_numpy}
 if _backend.native is not None:
     IMPLS["native"] = _backend.native.scale_units
@@ -25,17 +25,14 @@ def layout(rng, n_tensors):
     """Random tensors laid out one after the other: rows (int64 [n, 7]), the factors and per-element factors."""
     rows, factors, expanded, off = [], [], [], 0
     for _ in range(n_tensors):
-        mode = int(rng.integers(3))
+        mode = int(rng.integers(2))
         h = int(rng.integers(1, 5))
         kind = int(rng.choice([KIND_HEAD_ROWS, KIND_HEAD_COLS])) if mode == PER_HEAD else KIND_DENSE
         r = h * int(rng.integers(1, 4)) if kind == KIND_HEAD_ROWS else int(rng.integers(1, 7))
         c = h * int(rng.integers(1, 4)) if kind == KIND_HEAD_COLS else int(rng.integers(1, 9))
-        n_units = {PER_TENSOR: 1, PER_HEAD: h, PER_ELEMENT: r * c}[mode]
-        f = rng.uniform(0.1, 3, n_units).astype(np.float32)
+        f = rng.uniform(0.1, 3, h if mode == PER_HEAD else 1).astype(np.float32)
         if mode == PER_TENSOR:
             per_el = np.full(r * c, f[0])
-        elif mode == PER_ELEMENT:
-            per_el = f
         elif kind == KIND_HEAD_ROWS:
             per_el = np.repeat(f, r * c // h)
         else:
@@ -99,7 +96,7 @@ def test_empty(scale_units):
     ([-1, 2, 4, 2, PER_TENSOR, KIND_DENSE, 0], "outside acc"),
     ([0, 2, 4, 3, PER_HEAD, KIND_HEAD_COLS, 0], "n_heads must divide"),
     ([0, 2, 4, 2, PER_HEAD, KIND_DENSE, 0], "head kind"),
-    ([0, 2, 4, 0, 7, KIND_DENSE, 0], "unknown mode"),
+    ([0, 2, 4, 0, 2, KIND_DENSE, 0], "unknown mode"),
     ([0, -2, 4, 0, PER_TENSOR, KIND_DENSE, 0], "bad shape"),
 ])
 def test_bad_rows_raise_before_writing(row, match):
@@ -114,13 +111,17 @@ def test_bad_rows_raise_before_writing(row, match):
         _backend.native.scale_units(acc.astype(np.float64), np.ones(3, np.float32), rows)
 
 
+@pytest.mark.parametrize("topk", [None, 0.5])
 @pytest.mark.parametrize("method", ["fedavg", "headwise"])
 @pytest.mark.parametrize("backend", sorted(IMPLS))
-def test_an_overflowing_aggregate_names_its_tensor(method, backend, monkeypatch):
+def test_an_overflowing_aggregate_names_its_tensor(method, backend, topk, monkeypatch):
+    """topk: weight sums per element (divided in numpy); else per tensor (scale_units). The first tensor that
+    overflowed is named, of either kind."""
     if backend == "numpy":
         monkeypatch.setattr(_backend, "native", None)
     small = np.ones((4, 8), np.float32)
     big = np.full((4, 8), 3e38, np.float32)
-    ps = [fedsparse.pack({"a": small, "b": big}, bits=32, metadata={"num_examples": 1}) for _ in range(2)]
+    ps = [fedsparse.pack({"a": small, "b": big, "c": big}, bits=32, topk=topk, metadata={"num_examples": 1})
+          for _ in range(2)]
     with pytest.raises(AggregationError, match="tensor 'b': the aggregate overflowed float32"):
         aggregate(ps, method=method)

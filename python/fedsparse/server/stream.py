@@ -561,20 +561,32 @@ class Accumulator:
         return tensors, covered, head_counts, head_weights
 
     def _normalise(self, factors: np.ndarray, per_unit: bool) -> None:
-        """acc *= factors[wsum_off + unit] per unit of each tensor (per_unit), else acc *= factors[0], one row per
-        tensor; raises for the first tensor whose result is not finite."""
-        if self._unit_rows is None:
+        """per_unit: acc *= factors[wsum_off + unit] per head or tensor, and a per-element tensor divided by its
+        weight sums (where > 0: one division per element either way, and exact); else acc *= factors[0]. Raises
+        for the first tensor whose result is not finite."""
+        if self._unit_rows is None:  # one row per tensor, in self.order
             self._unit_rows = np.array([(t.acc_off,) + (matrix_view(t.shape, t.hkind) if t.mode == PER_HEAD
                                                           else (1, t.numel)) + (t.H, t.mode, t.hkind, t.wsum_off)
                                         for t in (self.tensors[n] for n in self.order)], np.int64).reshape(-1, 7)
-        rows = self._unit_rows
+        rows, bad = self._unit_rows, []
         if not per_unit:
             rows = rows.copy()
             rows[:, 4:7:2] = (PER_TENSOR, 0)  # mode, factor offset: factors[0] everywhere
+        by_unit = np.flatnonzero(rows[:, 4] != PER_ELEMENT)  # indices into self.order
+        for i in np.flatnonzero(rows[:, 4] == PER_ELEMENT).tolist():
+            t = self.tensors[self.order[i]]
+            a, ws = self.acc[t.acc_off:t.acc_off + t.numel], self.wsum[t.wsum_off:t.wsum_off + t.numel]
+            with np.errstate(over="ignore"):  # named below
+                np.divide(a, ws, out=a, where=ws > 0)
+            if not np.isfinite(a).all():
+                bad.append(i)
+                break
         native = _backend.native
-        bad = (native.scale_units if native is not None else scale_units_numpy)(self.acc, factors, rows)
-        if bad >= 0:  # rows are in self.order
-            raise _overflow(self.order[bad])
+        j = (native.scale_units if native is not None else scale_units_numpy)(self.acc, factors, rows[by_unit])
+        if j >= 0:
+            bad.append(int(by_unit[j]))
+        if bad:
+            raise _overflow(self.order[min(bad)])
 
     def dtypes(self) -> dict:
         return {n: self.tensors[n].dtype for n in self.order}
@@ -592,17 +604,15 @@ def _tensor_rows(client: Client):
 
 
 def scale_units_numpy(acc: np.ndarray, factors: np.ndarray, rows: np.ndarray) -> int:
-    """_C.scale_units in numpy: acc (float32 [n]) *= factors (float32) per unit; rows int64 [k, 7] of (acc_offset,
-    rows, cols, n_heads, mode, head kind, factor_offset). Returns the first row left with a value that is not
-    finite, else -1."""
+    """_C.scale_units in numpy: acc (float32 [n]) *= factors (float32) per head or tensor; rows int64 [k, 7] of
+    (acc_offset, rows, cols, n_heads, mode 0 tensor / 1 head, head kind, factor_offset). Returns the first row
+    left with a value that is not finite, else -1."""
     bad = -1
     for i, (off, r, c, h, mode, hkind, f0) in enumerate(rows.tolist()):
         a = acc[off:off + r * c]
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is the return value
             if mode == PER_TENSOR:
                 a *= factors[f0]
-            elif mode == PER_ELEMENT:
-                a *= factors[f0:f0 + r * c]
             elif hkind == KIND_HEAD_ROWS:  # per-head multiply without a full-size temporary
                 a.reshape(h, -1)[...] *= factors[f0:f0 + h, None]
             else:
