@@ -4,8 +4,8 @@
 12 heads, half of each module's heads kept, 8 bits, group 64). Providers, each over the same payload list:
 
     stream headwise   fedsparse.server.aggregate(method="headwise"): parse (bounds, scales), per-head scores,
-                      one native dequantize-and-accumulate call per batch of ~32 payloads that also checks
-                      their CRC-32s as it reads them, normalise in place
+                      one native dequantize-and-accumulate call per batch (all 100 payloads at the default
+                      batch of a list) that also checks their CRC-32s as it reads them, normalise in place
     stream fedavg     the same with method="fedavg"
     (a) unpack+numpy  fedsparse.unpack(p), then acc[name] += w * update[name] in numpy (fedavg, no per-head
                       weights: the cheapest thing a server could do with unpack)

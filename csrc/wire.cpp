@@ -75,6 +75,9 @@ int64_t popcount_bits(const uint8_t* p, int64_t nbits) {
 }
 
 // Group scales are float16 in [0, 1] (or -0): checked on the bits, so the loop vectorizes.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
 bool scales_ok(const uint8_t* p, int64_t g) {
   uint32_t bad = 0;
   for (int64_t i = 0; i < g; ++i) {

@@ -668,10 +668,14 @@ def test_lists_are_cut_into_even_batches(monkeypatch):
     ps = make_payloads(10, seed=24)
     expected = aggregate(ps, batch=1)
     monkeypatch.setattr(_backend, "native", Spy())
-    for inp, batch, want in ((ps, 4, [5, 5]), (ps, 3, [4, 4, 2]), (ps, 32, [10]), (iter(ps), 4, [4, 4, 2])):
+    for inp, batch, want in ((ps, 4, [5, 5]), (ps, 3, [4, 4, 2]), (ps, 32, [10]), (iter(ps), 4, [4, 4, 2]),
+                             (ps, None, [10])):
         sizes.clear()
         assert_close(aggregate(inp, batch=batch), expected)
         assert sizes == want, (batch, sizes)
+    from fedsparse.server.aggregate import _even_batch  # the defaults: 128 for a sequence, 32 from an iterator
+    assert [_even_batch([0] * n, None) for n in (1, 100, 200, 300, 1000)] == [1, 100, 100, 150, 125]
+    assert _even_batch(iter(ps), None) == 32
 
 
 def test_bad_options():

@@ -149,7 +149,7 @@ def aggregate(
     target_depth: int | None = None,
     inner: str = "headwise",
     max_elements: int = DEFAULT_MAX_ELEMENTS,
-    batch: int = 32,
+    batch: int | None = None,
 ) -> AggregateResult:
     """Aggregate packed client updates (bytes from fedsparse.pack, or PackedUpdate) in one pass.
 
@@ -174,8 +174,9 @@ def aggregate(
     base: the previous global state (name -> array), for what nobody sent. Never modified.
     clip_norm: scale each client's update to L2 norm <= clip_norm first.
     batch: about how many parsed payloads the native kernel folds in per call (it blocks the output across
-        them, so it stays in cache); a list of n is cut into round(n / batch) batches of equal size (the last
-        may be smaller). From an iterator, one batch of payloads is held at a time.
+        them, so it stays in cache; each call costs ~0.3 ms more); a list of n is cut into round(n / batch)
+        batches of equal size (the last may be smaller). From an iterator, one batch of payloads is held at a
+        time. Default: 128 for a sequence (its payloads are in memory already), 32 from an iterator.
     max_elements: per-payload cap on declared tensor elements (fedsparse.unpack's).
 
     Errors (nothing is returned, nothing given is modified): no payloads, different format versions,
@@ -189,8 +190,8 @@ def aggregate(
         raise ValueError(f"inner must be 'headwise' or 'fedavg', got {inner!r}")
     if clip_norm is not None and not (math.isfinite(clip_norm) and clip_norm > 0):
         raise ValueError(f"clip_norm must be a finite number > 0, got {clip_norm!r}")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise ValueError(f"batch must be None or an integer >= 1, got {batch!r}")
     if isinstance(payloads, (bytes, bytearray, memoryview)):
         raise TypeError("payloads must be an iterable of payloads, not a single payload")
     batch = _even_batch(payloads, batch)
@@ -271,14 +272,19 @@ def _chunks(items: Iterable, n: int):
         start += len(chunk)
 
 
-def _even_batch(payloads, batch: int) -> int:
+SEQUENCE_BATCH, ITERATOR_BATCH = 128, 32
+
+
+def _even_batch(payloads, batch: int | None) -> int:
     """With a known count n, ceil(n / k) for k = round(n / batch) batches: no batch of a few payloads at the
     end (each kernel call costs a fixed ~0.3 ms). 100 payloads at 32 -> 34 (34 + 34 + 32): 11.8-13.1 ms against
-    13.9-15.4 ms for 32 + 32 + 32 + 4 (measured when batches still overlapped on helper threads)."""
+    13.9-15.4 ms for 32 + 32 + 32 + 4 (measured when batches still overlapped on helper threads); at the
+    default 128 for a list, one batch of 100: 7.7-7.9 ms against 8.3-8.6 ms for 34 + 34 + 32."""
     try:
         n = len(payloads)
     except TypeError:  # an iterator: as asked
-        return batch
+        return ITERATOR_BATCH if batch is None else batch
+    batch = SEQUENCE_BATCH if batch is None else batch
     return -(-n // max(1, round(n / batch))) if n else batch
 
 
