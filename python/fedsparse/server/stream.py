@@ -366,21 +366,22 @@ class Accumulator:
         for sig, rows in by_sig.items():
             first = clients[rows[0]]
             flat = _score_matrix([clients[i].metadata for i in rows], sig)  # the scores, then 1.0 for "no score"
-            idx = cache.get(sig)
-            if idx is None:
+            cols = cache.get(sig)
+            if cols is None:
                 idx = np.full(n_slots, flat.shape[1] - 1, np.int64)
                 for name, kind, H, off, nw in slots:
                     if kind in _HEAD_KINDS and head_scores(first.metadata, first.cid, name, H) is not None:
                         idx[off:off + nw] = _locate(first.metadata, sig, name, H)  # validated just above
-                cache[sig] = idx
-            vals = flat[:, idx]
+                cols = cache[sig] = np.unique(idx, return_inverse=True)  # the scores read, and for each slot which
+            used, slot_of = cols
+            vals = flat[:, used]  # checked and weighted once each, then spread to the slots
             ok = (vals.min(axis=1, initial=0.0) >= 0) & np.isfinite(vals.max(axis=1, initial=0.0))  # NaN fails
             for j in np.flatnonzero(~ok):  # name the client and tensor
                 bad = clients[rows[j]]
                 for name, kind, H, off, nw in slots:
                     if kind in _HEAD_KINDS:
                         head_scores(bad.metadata, bad.cid, name, H)
-            out[rows] = vals * weights[rows, None]
+            out[rows] = (vals * weights[rows, None])[:, slot_of]
         return out
 
     def _batch_plans(self, batch: list) -> tuple:
