@@ -195,14 +195,33 @@ uint32_t crc32_update(uint32_t crc, const uint8_t* p, int64_t n) {
 
 namespace {
 // Polynomials over GF(2) modulo the CRC polynomial, bit-reflected as the CRC is: bit 31 is x^0. a * b mod P,
-// one bit of a at a time (b times x each step); ~32 steps, only for the few combines of a split CRC.
-uint32_t mul_mod_p(uint32_t a, uint32_t b) {
+// one bit of a at a time (b times x each step); 32 steps.
+uint32_t mul_mod_p_portable(uint32_t a, uint32_t b) {
   uint32_t product = 0;
   for (uint32_t bit = 1u << 31; bit; bit >>= 1) {
     if (a & bit) product ^= b;
     b = b & 1 ? (b >> 1) ^ 0xedb88320u : b >> 1;
   }
   return product;
+}
+#ifdef FS_HAVE_CLMUL
+// The same with one carry-less multiply: shifted left once, the 63-bit product has x^0 at bit 63, so its high
+// half is the product's degrees 0..31 and its low half w its degrees 32..63, i.e. x^32 * w, which is w advanced
+// over 4 zero bytes: 4 table lookups (slicing-by-4 with no data). ~10x faster; accumulate combines a CRC
+// per run of each payload (700 a call of 100 payloads).
+__attribute__((target("pclmul,sse4.1"))) uint32_t mul_mod_p_clmul(uint32_t a, uint32_t b) {
+  const uint64_t c = uint64_t(_mm_cvtsi128_si64(_mm_clmulepi64_si128(_mm_cvtsi32_si128(int(a)),
+                                                                      _mm_cvtsi32_si128(int(b)), 0x00))) << 1;
+  const uint32_t w = uint32_t(c);
+  const auto& t = kTables.t;
+  return uint32_t(c >> 32) ^ t[3][w & 0xff] ^ t[2][(w >> 8) & 0xff] ^ t[1][(w >> 16) & 0xff] ^ t[0][w >> 24];
+}
+#endif
+uint32_t mul_mod_p(uint32_t a, uint32_t b) {
+#ifdef FS_HAVE_CLMUL
+  if (kHasClmul) return mul_mod_p_clmul(a, b);
+#endif
+  return mul_mod_p_portable(a, b);
 }
 // x^(2^k) mod P for k < 64: x^(8 n) mod P by square-and-multiply over the bits of n.
 struct PowersOfX {
