@@ -1,7 +1,7 @@
 // The server's last step: the accumulated sums times the reciprocals of their weight sums, in place, one factor
 // per unit (tensor or head, as the accumulator kept its weight sums), with the check that the result is finite
 // in the same pass. python/fedsparse/server/stream.py (Accumulator.finish) calls it; its numpy twin there,
-// scale_units, does the same per tensor. Tensors with a weight sum per element are divided there.
+// scale_units_numpy, does the same per tensor. Tensors with a weight sum per element are divided there.
 #include <pybind11/pybind11.h>
 
 #include <cstring>

@@ -562,9 +562,9 @@ class Accumulator:
         return tensors, covered, head_counts, head_weights
 
     def _normalise(self, factors: np.ndarray, per_unit: bool) -> None:
-        """per_unit: acc *= factors[wsum_off + unit] per head or tensor, and a per-element tensor divided by its
-        weight sums (where > 0: one division per element either way, and exact); else acc *= factors[0]. Raises
-        for the first tensor whose result is not finite."""
+        """per_unit: acc *= factors[wsum_off + unit] per head or tensor, and a tensor with a weight sum per element
+        divided by it where it is > 0 (a reciprocal per element would save nothing and round twice); else
+        acc *= factors[0]. Raises for the first tensor whose result is not finite."""
         if self._unit_rows is None:  # one row per tensor, in self.order
             self._unit_rows = np.array([(t.acc_off,) + (matrix_view(t.shape, t.hkind) if t.mode == PER_HEAD
                                                           else (1, t.numel)) + (t.H, t.mode, t.hkind, t.wsum_off)
