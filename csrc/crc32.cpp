@@ -217,9 +217,9 @@ __attribute__((target("pclmul,sse4.1"))) uint32_t mul_mod_p_clmul(uint32_t a, ui
   return uint32_t(c >> 32) ^ t[3][w & 0xff] ^ t[2][(w >> 8) & 0xff] ^ t[1][(w >> 16) & 0xff] ^ t[0][w >> 24];
 }
 #endif
-uint32_t mul_mod_p(uint32_t a, uint32_t b) {
+uint32_t mul_mod_p(uint32_t a, uint32_t b, bool portable = false) {
 #ifdef FS_HAVE_CLMUL
-  if (kHasClmul) return mul_mod_p_clmul(a, b);
+  if (kHasClmul && !portable) return mul_mod_p_clmul(a, b);
 #endif
   return mul_mod_p_portable(a, b);
 }
@@ -230,21 +230,21 @@ struct PowersOfX {
     uint32_t p = 1u << 30;  // x^1
     for (auto& v : x2k) {
       v = p;
-      p = mul_mod_p(p, p);
+      p = mul_mod_p_portable(p, p);
     }
   }
 };
 const PowersOfX kPowers;
 }  // namespace
 
-uint32_t crc32_combine(uint32_t crc_a, uint32_t crc_b, int64_t len_b) {
+uint32_t crc32_combine(uint32_t crc_a, uint32_t crc_b, int64_t len_b, bool portable) {
   // Appending len_b bytes multiplies a's remainder by x^(8 len_b); the pre- and post-inversions of the two CRCs
   // cancel, so the standard CRCs combine directly (as zlib's crc32_combine).
   uint32_t shift = 1u << 31;  // x^0
   uint64_t n = uint64_t(len_b);
   for (int k = 3; n; n >>= 1, ++k)
-    if (n & 1) shift = mul_mod_p(kPowers.x2k[k], shift);
-  return mul_mod_p(shift, crc_a) ^ crc_b;
+    if (n & 1) shift = mul_mod_p(kPowers.x2k[k], shift, portable);
+  return mul_mod_p(shift, crc_a, portable) ^ crc_b;
 }
 
 }  // namespace fedsparse
@@ -271,5 +271,7 @@ void init_crc32(py::module_& m) {
       },
       "CRC-32 by slicing-by-8 tables (the fallback; a test peer of crc32).");
   m.def("crc32_combine", &fedsparse::crc32_combine, py::arg("crc_a"), py::arg("crc_b"), py::arg("len_b"),
-        "crc32(a + b) from crc32(a), crc32(b) and len(b) (zlib's crc32_combine).");
+        py::arg("portable") = false,
+        "crc32(a + b) from crc32(a), crc32(b) and len(b) (zlib's crc32_combine). portable: without the carry-less "
+        "multiply even where the CPU has it (the fallback; a test peer).");
 }

@@ -10,7 +10,8 @@ uint32_t crc32_portable(uint32_t crc, const uint8_t* p, int64_t n);
 // crc continued over n more bytes: crc32_update(crc32(a), b) == crc32(a ++ b) (zlib's crc32(crc, buf, len)).
 uint32_t crc32_update(uint32_t crc, const uint8_t* p, int64_t n);
 // crc32(a ++ b) from crc32(a), crc32(b) and b's length: a CRC computed in pieces, in parallel.
-uint32_t crc32_combine(uint32_t crc_a, uint32_t crc_b, int64_t len_b);
+// portable: the bit-serial products, not the carry-less multiply (the fallback, for its test).
+uint32_t crc32_combine(uint32_t crc_a, uint32_t crc_b, int64_t len_b, bool portable = false);
 }  // namespace fedsparse
 
 #if defined(__x86_64__) && defined(__GNUC__)
