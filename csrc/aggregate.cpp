@@ -534,6 +534,10 @@ struct CrcSplit {
   std::vector<int64_t> bound;        // [B][runs + 1]: run r takes bytes [bound[r], bound[r + 1])
   std::vector<uint32_t> part;        // [B][runs]: the CRC of each range
 
+  // Payload b's cut points: bounds(b)[r] .. bounds(b)[r + 1] is run r's range.
+  int64_t* bounds(size_t b) { return &bound[b * (n_runs + 1)]; }
+  const int64_t* bounds(size_t b) const { return &bound[b * (n_runs + 1)]; }
+
   CrcSplit() = default;
   CrcSplit(const std::vector<py::buffer_info>& views, const std::vector<Plan>& batch,
            const std::vector<std::vector<std::pair<int32_t, int32_t>>>& groups, const std::vector<Unit>& units,
@@ -551,7 +555,7 @@ struct CrcSplit {
     for (size_t b = 0; b < B; ++b) {
       base[b] = static_cast<const uint8_t*>(views[3 * b].ptr);
       size[b] = int64_t(views[3 * b].size * views[3 * b].itemsize);
-      int64_t* bd = &bound[b * (n_runs + 1)];
+      int64_t* bd = bounds(b);
       bd[n_runs] = size[b] - 4;
       for (int64_t r = int64_t(n_runs) - 1; r >= 1; --r) {  // the run's first fragment; none: the next run's cut
         bd[r] = bd[r + 1];
@@ -569,11 +573,11 @@ struct CrcSplit {
     }
   }
   void start(int64_t r, std::vector<int64_t>& cursor) const {
-    for (size_t b = 0; b < base.size(); ++b) cursor[b] = bound[b * (n_runs + 1) + size_t(r)];
+    for (size_t b = 0; b < base.size(); ++b) cursor[b] = bounds(b)[r];
   }
   // Run r's CRC of payload b carried on to byte `to` (within its range).
   void to(int64_t r, size_t b, int64_t to, std::vector<int64_t>& cursor) {
-    to = std::min(to, bound[b * (n_runs + 1) + size_t(r) + 1]);
+    to = std::min(to, bounds(b)[r + 1]);
     if (to <= cursor[b]) return;
     uint32_t& c = part[b * n_runs + size_t(r)];  // only run r's thread writes it
     c = crc32_update(c, base[b] + cursor[b], to - cursor[b]);
@@ -582,12 +586,12 @@ struct CrcSplit {
   // Run r's CRC of payload b carried on to byte c0, for a multiply-add that folds the 8-bit codes [c0, c1) into
   // it itself (run_range's crc), or nullptr where it may not: the range must go on from the cursor through c1.
   uint32_t* fold_from(int64_t r, size_t b, int64_t c0, int64_t c1, std::vector<int64_t>& cursor) {
-    if (c0 < cursor[b] || c1 > bound[b * (n_runs + 1) + size_t(r) + 1]) return nullptr;
+    if (c0 < cursor[b] || c1 > bounds(b)[r + 1]) return nullptr;
     to(r, b, c0, cursor);
     return &part[b * n_runs + size_t(r)];
   }
   void finish(int64_t r, std::vector<int64_t>& cursor) {
-    for (size_t b = 0; b < base.size(); ++b) to(r, b, bound[b * (n_runs + 1) + size_t(r) + 1], cursor);
+    for (size_t b = 0; b < base.size(); ++b) to(r, b, bounds(b)[r + 1], cursor);
   }
   // Combine each payload's ranges, compare; raise for the first mismatch in batch order.
   void check(int threads) const {
@@ -597,7 +601,7 @@ struct CrcSplit {
       const size_t b = size_t(bi);
       uint32_t c = n_runs ? part[b * n_runs] : crc32(base[b], size[b] - 4);
       for (size_t r = 1; r < n_runs; ++r)
-        c = crc32_combine(c, part[b * n_runs + r], bound[b * (n_runs + 1) + r + 1] - bound[b * (n_runs + 1) + r]);
+        c = crc32_combine(c, part[b * n_runs + r], bounds(b)[r + 1] - bounds(b)[r]);
       bad[b] = c != load_u32le(base[b] + size[b] - 4);
     });
     for (size_t b = 0; b < B; ++b)
@@ -784,20 +788,19 @@ void accumulate(const py::sequence& payloads, const py::sequence& plans, const p
         const Plan& p = batch[size_t(b)];
         const Tensor& t = p.tensors[size_t(i)];
         const int64_t ka = t.compact_pos(un.e0), kb = t.compact_pos(un.e1);
+        std::pair<int64_t, int64_t> bytes{0, 0};
         uint32_t* fold = nullptr;
         if (check_crc && kb > ka) {
-          const auto [c0, c1] = code_bytes(t, crc.base[size_t(b)], p.gs, ka, kb);
+          bytes = code_bytes(t, crc.base[size_t(b)], p.gs, ka, kb);
           if (fold_crc && t.bits == 8 && whole_groups(t, ka, p.gs))
-            fold = crc.fold_from(r, size_t(b), c0, c1, cursor);
-          if (fold) {  // the codes' whole groups are folded in by the multiply-add, the rest here after it
-            run_range(t, ka, kb - ka, p.gs, scale[size_t(b)], buf, level, fold);
-            cursor[size_t(b)] = c0 + 64 * ((kb - ka) / 64);
-            crc.to(r, size_t(b), c1, cursor);
-            continue;
-          }
-          crc.to(r, size_t(b), c1, cursor);
+            fold = crc.fold_from(r, size_t(b), bytes.first, bytes.second, cursor);
+          if (!fold) crc.to(r, size_t(b), bytes.second, cursor);  // just before the multiply-add reads them
         }
-        run_range(t, ka, kb - ka, p.gs, scale[size_t(b)], buf, level);
+        run_range(t, ka, kb - ka, p.gs, scale[size_t(b)], buf, level, fold);
+        if (fold) {  // the multiply-add folded the codes' whole groups in; the rest here
+          cursor[size_t(b)] = bytes.first + 64 * ((kb - ka) / 64);
+          crc.to(r, size_t(b), bytes.second, cursor);
+        }
       }
     }
     if (check_crc) crc.finish(r, cursor);

@@ -372,7 +372,7 @@ class Accumulator:
                 for name, kind, H, off, nw in slots:
                     if kind in _HEAD_KINDS and head_scores(first.metadata, first.cid, name, H) is not None:
                         idx[off:off + nw] = _locate(first.metadata, sig, name, H)  # validated just above
-                cols = cache[sig] = np.unique(idx, return_inverse=True)  # the scores read, and for each slot which
+                cols = cache[sig] = np.unique(idx, return_inverse=True)  # the scores read; each slot's among them
             used, slot_of = cols
             vals = flat[:, used]  # checked and weighted once each, then spread to the slots
             ok = (vals.min(axis=1, initial=0.0) >= 0) & np.isfinite(vals.max(axis=1, initial=0.0))  # NaN fails
@@ -545,13 +545,14 @@ class Accumulator:
                 head_counts[n] = counts_all[units]
                 head_weights[n] = share_all[units]
             b = np.asarray(base[n], dtype=np.float32).reshape(-1) if base is not None and n in base else None
-            if headwise and (b is not None or want_covered):
-                pos = t.expand(self.wsum[units]) > 0
-                if b is not None and not pos.all():
-                    a[~pos] = b[~pos]
-                if want_covered:
-                    covered[n] = pos
-            elif not headwise:
+            if headwise:
+                if b is not None or want_covered:
+                    pos = t.expand(self.wsum[units]) > 0
+                    if b is not None and not pos.all():
+                        a[~pos] = b[~pos]
+                    if want_covered:
+                        covered[n] = pos
+            else:
                 if b is not None and self.track:  # exact base where nobody sent, no base where all did
                     a += b * (np.float32(1) - t.expand(self.wsum[units]) * np.float32(1 / total))
                     if not np.isfinite(a).all():
